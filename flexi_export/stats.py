@@ -76,12 +76,17 @@ def linear_shapes(dims: ModelDims) -> dict[str, tuple[int, int]]:
     }
 
 
+def block_matrix_parameters(dims: ModelDims) -> int:
+    """Parameters of one block's matrices and their biases (what a shared block reuses)."""
+    return sum(
+        fan_in * fan_out + (fan_out if role in dims.bias_roles else 0)
+        for role, (fan_in, fan_out) in linear_shapes(dims).items()
+    )
+
+
 def block_parameters(dims: ModelDims) -> int:
     """Parameters of one original block: matrices, biases and its two norms."""
-    total = 2 * dims.hidden_size
-    for role, (fan_in, fan_out) in linear_shapes(dims).items():
-        total += fan_in * fan_out + (fan_out if role in dims.bias_roles else 0)
-    return total
+    return block_matrix_parameters(dims) + 2 * dims.hidden_size
 
 
 def shared_block_parameters(entry: BlockEntry, dims: ModelDims) -> int:
@@ -95,6 +100,11 @@ def shared_block_parameters(entry: BlockEntry, dims: ModelDims) -> int:
     if entry.ofn != "none":
         total += 2 * dims.hidden_size  # one gamma per branch (attention output, MLP output)
     return total
+
+
+def shared_reference_parameters(entry: BlockEntry, dims: ModelDims) -> int:
+    """Parameters a shared block uses by reference (its source's matrices, and norms when ``norms="source"``)."""
+    return block_matrix_parameters(dims) + (2 * dims.hidden_size if entry.norms == "source" else 0)
 
 
 def non_block_parameters(dims: ModelDims) -> int:
@@ -112,6 +122,12 @@ def plan_parameters(plan: BlockPlan, dims: ModelDims) -> int:
         elif entry.kind == "shared":
             total += shared_block_parameters(entry, dims)
     return total
+
+
+def plan_unshared_parameters(plan: BlockPlan, dims: ModelDims) -> int:
+    """:func:`plan_parameters` plus what every shared block would need as its own copy without sharing."""
+    extra = sum(shared_reference_parameters(e, dims) for e in plan.entries if e.kind == "shared")
+    return plan_parameters(plan, dims) + extra
 
 
 def dense_parameters(dims: ModelDims) -> int:

@@ -1,0 +1,7 @@
+"""Pytest configuration shared by all test suites."""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(2)

@@ -1,8 +1,9 @@
 """The reference corpus: text already on every machine (the Python standard library's own docs and sources).
 
 Documents are the language-reference topics of ``pydoc_data`` (prose) and the standard library's ``.py`` files
-(code and docstrings; generated tables such as ``encodings/`` are skipped), located through :mod:`sysconfig`. A fixed 5% of documents, chosen by a hash of their id,
-is held out: it is never used for tokenizer training, model training, calibration or recovery.
+(code and docstrings; generated tables such as ``encodings/`` are skipped), located through :mod:`sysconfig`.
+A fixed 5% of documents, chosen by a hash of their id, is held out: it is never used for tokenizer training,
+model training, calibration or recovery.
 """
 
 from __future__ import annotations

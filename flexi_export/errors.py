@@ -35,3 +35,7 @@ class PlanError(FlexiError):
 
 class CheckpointError(FlexiError):
     """A checkpoint folder is incomplete, corrupt, or does not match its plan."""
+
+
+class ExportError(FlexiError):
+    """An export cannot be done as asked (bad option, model the exporter cannot express, failed self-check)."""

@@ -80,14 +80,21 @@ def read_config(path: str | Path) -> PretrainedConfig:
     layout_for(str(model_type))  # unsupported architectures fail here, with the supported list
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"cannot read {config_file}: {exc}") from None
+    except Exception as exc:  # transformers and huggingface_hub raise many types for an inconsistent config
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {config_file}: {first.strip()}") from None
 
 
 def load_flexi(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a Flexi checkpoint written by :func:`save_flexi`; shared parameters share storage again."""
+    """Load a Flexi checkpoint written by :func:`save_flexi`; shared parameters share storage again.
+
+    ``attn_implementation`` ("eager", "sdpa", ...) defaults to transformers' default, as ``from_pretrained``.
+    """
     path = Path(path)
     config = read_config(path)
     if not (path / PLAN_NAME).is_file():
@@ -104,7 +111,7 @@ def load_flexi(
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
-    model = make_skeleton(config, plan)
+    model = make_skeleton(config, plan, attn_implementation=attn_implementation)
     tensors, metadata = _read_safetensors(weights, device)
     stored = metadata.get("flexi_plan_fingerprint")
     if stored is not None and stored != plan.fingerprint():

@@ -37,5 +37,13 @@ class CheckpointError(FlexiError):
     """A checkpoint folder is incomplete, corrupt, or does not match its plan."""
 
 
+class DataError(InputError):
+    """Calibration, training or evaluation text is missing, empty or unreadable."""
+
+
+class CompressError(FlexiError):
+    """A compression request cannot be met for this model (unreachable ratio, too few blocks, rank too large)."""
+
+
 class ExportError(FlexiError):
     """An export cannot be done as asked (bad option, model the exporter cannot express, failed self-check)."""

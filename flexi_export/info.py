@@ -41,7 +41,14 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             header = json.loads(f.read(length))
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a valid safetensors file (bad header)")
     header.pop("__metadata__", None)
+    end = max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
+    if 8 + length + end > path.stat().st_size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {8 + length + end} bytes, the file has {path.stat().st_size}"
+        )
     return header
 
 

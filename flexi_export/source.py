@@ -34,7 +34,10 @@ class SourceModel:
 
 
 def load_source(
-    path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
 ) -> SourceModel:
     """Load an HF model folder, a hub id found in the local HF cache, or a Flexi checkpoint.
 
@@ -44,16 +47,17 @@ def load_source(
     text = str(path)
     local = Path(path)
     if not local.exists() and _looks_like_hub_id(text):
-        return _load_hub(text, dtype, device)
+        return load_source(_hub_folder(text), dtype, device, attn_implementation)
     config = read_config(local)
     layout = layout_for(config.model_type)
     if is_flexi_checkpoint(local):
-        model = load_flexi(local, device=device, dtype=dtype)
+        model = load_flexi(local, device=device, dtype=dtype, attn_implementation=attn_implementation)
         plan = get_plan(model)
         assert plan is not None
         return SourceModel(model, _tokenizer(local), layout, text, plan, is_flexi=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype or "auto", device_map=None).to(device)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype or "auto", **extra).to(device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"cannot load the weights in {local}: {_first_line(exc)}") from None
     except Exception as exc:  # safetensors' own error type for corrupt files
@@ -71,14 +75,13 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def _load_hub(model_id: str, dtype: torch.dtype | None, device: str | torch.device) -> SourceModel:
+def _hub_folder(model_id: str) -> Path:
     try:
-        config_dir = Path(_hub_snapshot(model_id))
+        return Path(_hub_snapshot(model_id))
     except Exception as exc:  # no network, unknown id, gated repo: all end the same way for the user
         raise InputError(
             f"{model_id} is not a local folder, and the hub model could not be loaded ({_first_line(exc)})"
         ) from None
-    return load_source(config_dir, dtype=dtype, device=device)
 
 
 def _hub_snapshot(model_id: str) -> str:

@@ -1,0 +1,75 @@
+"""``flexi-export export``: a Flexi checkpoint or HF folder -> an ONNX bundle."""
+
+from __future__ import annotations
+
+import click
+
+from flexi_export.cli.app import main
+
+
+@main.command("export")
+@click.argument("source", metavar="FLEXI_OR_HF_DIR", type=click.Path(path_type=str))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Bundle folder to write. It must not exist or be empty unless --overwrite is given.",
+)
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    help="Weights and activations: fp32, or fp16 (norms and softmax still computed in fp32).",
+)
+@click.option(
+    "--opset",
+    default=18,
+    show_default=True,
+    type=int,
+    help="ONNX opset, 18..22 (18 is the most portable; onnxruntime 1.21 loads up to 22).",
+)
+@click.option(
+    "--dense",
+    is_flag=True,
+    help="Export without sharing: every executed block gets its own copy of the weights it would share "
+    "(adapters merged into them). Same function, for memory and speed comparisons.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists and is not empty.")
+@click.option(
+    "--no-check",
+    is_flag=True,
+    help="Skip the final onnxruntime replay of the reference prompts (onnx.checker still runs).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def export_command(
+    source: str, out: str, dtype: str, opset: int, dense: bool, overwrite: bool, no_check: bool, quiet: bool
+) -> None:
+    """Export FLEXI_OR_HF_DIR (a Flexi checkpoint, or a Hugging Face model folder exported as the dense model)
+    to an ONNX bundle with a KV cache: onnx/model.onnx + onnx/model.onnx_data (every shared weight stored
+    once), config.json, generation_config.json, tokenizer files, genai_config.json, flexi_plan.json,
+    manifest.json and reference.npz. The folder is written under a temporary name and renamed at the end."""
+    from flexi_export.export import export_folder
+    from flexi_export.table import human_bytes
+
+    bundle = export_folder(
+        source, out, dtype=dtype, opset=opset, dense=dense, overwrite=overwrite, check=not no_check, progress=not quiet
+    )
+    totals = bundle.manifest["totals"]
+    kind = "dense (no sharing)" if dense else "shared"
+    click.echo(f"bundle        {bundle.path} ({dtype}, opset {opset}, {kind})")
+    click.echo(
+        f"initializers  {totals['initializers']} ({totals['shared_initializers']} read by several blocks), "
+        f"{totals['parameters']:,} parameters"
+    )
+    click.echo(
+        f"weights       {human_bytes(totals['unique_weight_bytes'])} stored once; "
+        f"{human_bytes(totals['bytes_without_sharing'])} without sharing; "
+        f"data file {human_bytes(totals['data_file_bytes'])}"
+    )
+    check = bundle.manifest.get("export_check")
+    if check:
+        worst = max(c["max_abs_logits_diff"] for c in check.values())
+        agreement = min(c["top1_agreement"] for c in check.values())
+        click.echo(
+            f"check         onnxruntime vs torch: max |logits diff| {worst:.2e}, top-1 agreement {agreement:.3f}"
+        )

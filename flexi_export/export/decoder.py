@@ -1,0 +1,137 @@
+"""The whole decoder graph: embedding, RoPE tables, attention masks, the executed blocks, final norm, LM head.
+
+Built from a :class:`~flexi_export.export.spec.ModelSpec` (the plan and the weights), never by tracing. The
+result is a :class:`DecoderGraph`: nodes, I/O, the inline ``inv_freq`` initializer and the weight registry
+whose entries the external-data writer turns into the remaining initializers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto, TensorProto
+
+from flexi_export.export.blocks import BlockContext, decoder_block, rms_norm
+from flexi_export.export.graph import GraphBuilder
+from flexi_export.export.io_spec import FLOAT_TYPES, IOSpec, decoder_io
+from flexi_export.export.spec import ModelSpec
+from flexi_export.export.weights import AS_IS, TRANSPOSED, WeightRegistry
+
+
+@dataclass
+class DecoderGraph:
+    """A built graph before its weights are written."""
+
+    nodes: list[NodeProto]
+    inline: list[TensorProto]
+    io: IOSpec
+    registry: WeightRegistry
+
+
+def build_decoder(spec: ModelSpec, dtype: str, progress: Iterable[int] | None = None) -> DecoderGraph:
+    """Build the graph of ``spec`` in ``dtype`` (``fp32`` / ``fp16``); ``progress`` wraps the block loop."""
+    d = spec.dims
+    registry = WeightRegistry(spec.names, dtype)
+    g = GraphBuilder(registry, FLOAT_TYPES[dtype])
+    io = decoder_io(len(spec.blocks), d.num_kv_heads, d.head_dim, d.vocab_size, dtype)
+    cos, sin = _rope(g, spec)
+    windows = sorted({b.window for b in spec.blocks}, key=lambda w: -1 if w is None else w)
+    ctx = BlockContext(
+        cos=cos,
+        sin=sin,
+        masks=_attention_masks(g, windows),
+        num_heads=d.num_heads,
+        num_kv_heads=d.num_kv_heads,
+        head_dim=d.head_dim,
+        eps=d.rms_norm_eps,
+    )
+    x = g.op(
+        "Gather",
+        [registry.use(spec.embed, "embed_tokens", AS_IS, "/model/embed_tokens/Gather"), "input_ids"],
+        "/model/embed_tokens/Gather",
+        axis=0,
+    )
+    for index in progress if progress is not None else range(len(spec.blocks)):
+        x = decoder_block(g, x, spec.blocks[index], ctx)
+    x = rms_norm(g, x, spec.final_norm, d.rms_norm_eps, "/model/norm", "norm", None)
+    _lm_head(g, x, spec)
+    return DecoderGraph(nodes=g.nodes, inline=g.inline, io=io, registry=registry)
+
+
+#   position_ids ─► Cast fp32 ─► Unsqueeze ─► Mul inv_freq ─► Concat(f, f) ─► Cos / Sin ─► [* scaling] ─► Unsqueeze
+def _rope(g: GraphBuilder, spec: ModelSpec) -> tuple[str, str]:
+    """``cos`` and ``sin`` ``[B, 1, S, head_dim]`` from ``position_ids``, angles in fp32 (as transformers)."""
+    name = "/model/rotary_emb"
+    inv_freq = g.inline_initializer("model.rotary_emb.inv_freq", spec.rope.inv_freq.astype(np.float32))
+    pos = g.op("Cast", ["position_ids"], f"{name}/Cast", to=TensorProto.FLOAT)
+    pos = g.op("Unsqueeze", [pos, g.ints(2)], f"{name}/Unsqueeze")
+    freqs = g.op("Mul", [pos, inv_freq], f"{name}/Mul")
+    emb = g.op("Concat", [freqs, freqs], f"{name}/Concat", axis=-1)
+    out = []
+    for fn in ("Cos", "Sin"):
+        value = g.op(fn, [emb], f"{name}/{fn}")
+        if spec.rope.attention_scaling != 1.0:
+            value = g.op("Mul", [value, g.f32const(spec.rope.attention_scaling)], f"{name}/{fn}/Mul")
+        value = g.op("Unsqueeze", [value, g.ints(1)], f"{name}/{fn}/Unsqueeze")
+        out.append(g.from_float(value, f"{name}/{fn}/CastBack"))
+    return out[0], out[1]
+
+
+#   kv index t ∈ [0, P+S), query index q ∈ [P, P+S):  allowed = mask[b, t] and t <= q (and t > q - window)
+#   additive mask = Where(allowed, 0, float32 min)  ─►  [B, 1, S, P+S]
+def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | None, str]:
+    """Causal + padding masks (one per sliding-window size), indexed like transformers' ``masking_utils``.
+
+    Indices are cache positions, not ``position_ids``: with left padding they differ, and transformers masks
+    by cache index (``causal_mask_function``, ``sliding_window_overlay``). The cache is the full
+    ``past + new`` concatenation, so a sliding-window layer keeps every token and masks the old ones.
+    """
+    name = "/model/attn_mask"
+    seq = g.op("Shape", ["input_ids"], f"{name}/SeqLen", start=1, end=2)
+    total = g.op("Shape", ["attention_mask"], f"{name}/TotalLen", start=1, end=2)
+    past = g.op("Sub", [total, seq], f"{name}/PastLen")
+    total_s = g.op("Squeeze", [total, g.ints(0)], f"{name}/TotalLen/Squeeze")
+    past_s = g.op("Squeeze", [past, g.ints(0)], f"{name}/PastLen/Squeeze")
+    one, zero = g.const(1, np.int64), g.const(0, np.int64)
+    kv = g.op("Range", [zero, total_s, one], f"{name}/KvRange")
+    q = g.op("Range", [past_s, total_s, one], f"{name}/QRange")
+    kv_row = g.op("Unsqueeze", [kv, g.ints(0)], f"{name}/KvRow")  # [1, T]
+    q_col = g.op("Unsqueeze", [q, g.ints(1)], f"{name}/QCol")  # [S, 1]
+    causal = g.op("LessOrEqual", [kv_row, q_col], f"{name}/Causal")  # [S, T]
+    padding = g.op("Cast", ["attention_mask"], f"{name}/Padding", to=TensorProto.BOOL)
+    padding = g.op("Unsqueeze", [padding, g.ints(1, 2)], f"{name}/Padding/Unsqueeze")  # [B, 1, 1, T]
+    masks = {}
+    for window in windows:
+        tag = "full" if window is None else f"window{window}"
+        allowed = causal
+        if window is not None:
+            start = g.op("Sub", [q_col, g.const(window, np.int64)], f"{name}/{tag}/Start")
+            inside = g.op("Greater", [kv_row, start], f"{name}/{tag}/Inside")
+            allowed = g.op("And", [causal, inside], f"{name}/{tag}/And")
+        allowed = g.op("And", [padding, allowed], f"{name}/{tag}/Padding/And")  # [B, 1, S, T]
+        masks[window] = g.op(
+            "Where",
+            [allowed, g.f32const(0.0), g.f32const(float(np.finfo(np.float32).min))],
+            f"{name}/{tag}/Where",
+        )
+    return masks
+
+
+#   tied:   h ─► Reshape [-1, H] ─► Gemm(·, embed[V, H], transB=1) ─► Reshape [B, S, V] ─► logits
+#   untied: h ─► MatMul lm_head[H, V] ─► logits
+def _lm_head(g: GraphBuilder, x: str, spec: ModelSpec) -> None:
+    """Logits. A tied head reads the embedding initializer itself (``Gemm`` with ``transB=1``, no copy)."""
+    name = "/lm_head"
+    if spec.tied:
+        hidden = spec.dims.hidden_size
+        flat = g.op("Reshape", [x, g.ints(-1, hidden)], f"{name}/Reshape")
+        weight = g.registry.use(spec.embed, "lm_head", AS_IS, f"{name}/Gemm")
+        logits = g.op("Gemm", [flat, weight], f"{name}/Gemm", transB=1)
+        shape = g.op("Shape", ["input_ids"], f"{name}/Shape")
+        shape = g.op("Concat", [shape, g.ints(spec.dims.vocab_size)], f"{name}/Concat", axis=0)
+        g.op_to("Reshape", [logits, shape], f"{name}/Reshape3d", ["logits"])
+    else:
+        weight = g.registry.use(spec.lm_head, "lm_head", TRANSPOSED, f"{name}/MatMul")
+        g.op_to("MatMul", [x, weight], f"{name}/MatMul", ["logits"])

@@ -1,0 +1,226 @@
+"""``export_onnx``: a (Flexi) transformers model -> a bundle folder, written all-or-nothing.
+
+Steps: check the options and the output folder; read the model against its plan (:func:`read_model`); build
+the graph (:func:`build_decoder`); then, inside a temporary folder next to the output, stream the weights
+into ``onnx/model.onnx_data``, write ``onnx/model.onnx``, the configs, the plan, ``reference.npz`` and
+``manifest.json``, check the result with ``onnx.checker`` and onnxruntime, and rename the folder into place.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import helper
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from flexi_export import __version__
+from flexi_export.errors import ExportError
+from flexi_export.export import bundle as files
+from flexi_export.export.bundle import Bundle
+from flexi_export.export.check import check_onnx, check_reference
+from flexi_export.export.decoder import DecoderGraph, build_decoder
+from flexi_export.export.external_data import external_initializer, write_external_data
+from flexi_export.export.manifest import TOLERANCES, build_manifest, write_manifest
+from flexi_export.export.reference import REFERENCE_NAME, compute_reference, save_reference
+from flexi_export.export.spec import ModelSpec, read_model
+from flexi_export.files import atomic_output_dir, check_output_dir
+
+SUPPORTED_DTYPES = ("fp32", "fp16")
+#: Opsets the graph is built for: 18 (default, portable) up to 22, the newest onnxruntime 1.21 loads.
+SUPPORTED_OPSETS = tuple(range(18, 23))
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: float type, opset, dense (no sharing), overwrite, self-check, progress bars."""
+
+    dtype: str = "fp32"
+    opset: int = 18
+    dense: bool = False
+    overwrite: bool = False
+    check: bool = True
+    progress: bool = True
+
+    def validate(self) -> ExportOptions:
+        """Raise :class:`ExportError` for an unsupported dtype or opset."""
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ExportError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset not in SUPPORTED_OPSETS:
+            raise ExportError(
+                f"unsupported opset {self.opset!r}; supported: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]} "
+                f"(18 is the default; onnxruntime 1.21, the oldest supported runtime, loads up to 22)"
+            )
+        return self
+
+
+def ir_version_for(opset: int) -> int:
+    """The lowest ONNX IR version that carries ``opset`` (old runtimes refuse newer IR versions)."""
+    for _release, ir_version, ai_onnx, *_ in helper.VERSION_TABLE:
+        if ai_onnx >= opset:
+            return int(ir_version)
+    raise ExportError(f"onnx {onnx.__version__} does not know opset {opset}")
+
+
+def export_onnx(
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    dtype: str = "fp32",
+    opset: int = 18,
+    dense: bool = False,
+    overwrite: bool = False,
+    check: bool = True,
+    progress: bool = True,
+    source: dict[str, Any] | None = None,
+) -> Bundle:
+    """Export ``model`` (a float32 Flexi model, or a plain model as its identity plan) to the bundle ``out_dir``.
+
+    ``dense=True`` gives every executed block its own copy of what it would share (same function, no
+    sharing), for memory and speed comparisons. ``check`` runs ``onnx.checker`` and replays the reference
+    prompts with onnxruntime before the folder is renamed into place. ``source`` describes where the model
+    came from (name, sha256) for the manifest. Returns the written :class:`Bundle`.
+    """
+    options = ExportOptions(dtype, opset, dense, overwrite, check, progress).validate()
+    check_output_dir(out_dir, overwrite)
+    _check_float32(model)
+    with _eval_mode(model):
+        spec = read_model(model, dense=dense)
+        blocks = _bar(range(len(spec.blocks)), options, "graph", unit="block")
+        graph = build_decoder(spec, dtype, progress=blocks)
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            manifest = _write_bundle(tmp, model, tokenizer, spec, graph, options, source)
+    return Bundle(path=Path(out_dir), manifest=manifest)
+
+
+def export_folder(path: str | Path, out_dir: str | Path, **kwargs: Any) -> Bundle:
+    """Export the model in ``path`` (a Flexi checkpoint, or an HF folder exported as a dense model).
+
+    Options and the output folder are checked before the model is loaded; ``kwargs`` are those of
+    :func:`export_onnx`.
+    """
+    from flexi_export.source import load_source, model_fingerprint
+
+    ExportOptions(
+        kwargs.get("dtype", "fp32"), kwargs.get("opset", 18), kwargs.get("dense", False), kwargs.get("overwrite", False)
+    ).validate()
+    check_output_dir(out_dir, kwargs.get("overwrite", False))
+    src = load_source(path, dtype=torch.float32)
+    source = {"name": str(path), "sha256": model_fingerprint(path), "is_flexi": src.is_flexi}
+    return export_onnx(src.model, out_dir, tokenizer=src.tokenizer, source=source, **kwargs)
+
+
+def _write_bundle(
+    tmp: Path,
+    model: PreTrainedModel,
+    tokenizer: Any | None,
+    spec: ModelSpec,
+    graph: DecoderGraph,
+    options: ExportOptions,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    onnx_dir = tmp / files.ONNX_DIR
+    onnx_dir.mkdir()
+    data_path = onnx_dir / files.DATA_FILE
+    total = sum(math.prod(e.shape) for e in graph.registry.entries) * (2 if options.dtype == "fp16" else 4)
+    with _bar(None, options, "weights", total=total, unit="B", unit_scale=True) as bar:
+        stored = write_external_data(data_path, graph.registry, on_bytes=bar.update)
+    initializers = [external_initializer(t, files.DATA_FILE) for t in stored] + graph.inline
+    ir_version = ir_version_for(options.opset)
+    proto = _model_proto(graph, initializers, spec, options, ir_version)
+    (onnx_dir / files.MODEL_FILE).write_bytes(proto.SerializeToString())
+    del proto
+    check_onnx(onnx_dir / files.MODEL_FILE)
+
+    pad_id = files.pad_token_id(model, tokenizer)
+    cases = compute_reference(model, tokenizer, pad_id)
+    tolerances = TOLERANCES[options.dtype]
+    save_reference(tmp / REFERENCE_NAME, cases, tolerances)
+    files.write_model_files(tmp, model, tokenizer, options.dtype)
+    files.write_json(tmp / "genai_config.json", files.genai_config(model, spec.dims, graph.io, pad_id))
+    spec.plan.save(tmp / "flexi_plan.json")
+    manifest = build_manifest(
+        stored=stored,
+        data_file_bytes=data_path.stat().st_size,
+        io=graph.io,
+        dtype=options.dtype,
+        opset=options.opset,
+        ir_version=ir_version,
+        dense=options.dense,
+        plan_fingerprint=spec.plan.fingerprint(),
+        source=_source_info(spec, source),
+        inline=[{"name": t.name, "role": "rope.inv_freq", "shape": list(t.dims)} for t in graph.inline],
+    )
+    if options.check:
+        manifest["export_check"] = check_reference(tmp, cases, tolerances)
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _model_proto(
+    graph: DecoderGraph, initializers: list[onnx.TensorProto], spec: ModelSpec, options: ExportOptions, ir: int
+) -> onnx.ModelProto:
+    onnx_graph = helper.make_graph(
+        graph.nodes,
+        "flexi_decoder",
+        [t.value_info() for t in graph.io.inputs],
+        [t.value_info() for t in graph.io.outputs],
+        initializer=initializers,
+    )
+    proto = helper.make_model(
+        onnx_graph,
+        opset_imports=[helper.make_opsetid("", options.opset)],
+        producer_name="flexi-export",
+        producer_version=__version__,
+    )
+    proto.ir_version = ir
+    helper.set_model_props(
+        proto,
+        {
+            "flexi.plan_fingerprint": spec.plan.fingerprint(),
+            "flexi.dtype": options.dtype,
+            "flexi.dense": str(options.dense).lower(),
+            "flexi.model_type": spec.dims.model_type,
+        },
+    )
+    return proto
+
+
+def _source_info(spec: ModelSpec, source: dict[str, Any] | None) -> dict[str, Any]:
+    plan_source = spec.plan.source
+    info = {"name": plan_source.name, "sha256": plan_source.sha256 or None, "model_type": spec.dims.model_type}
+    info.update(source or {})
+    return info
+
+
+def _check_float32(model: PreTrainedModel) -> None:
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    if dtypes != ["float32"]:
+        raise ExportError(
+            f"the exporter needs a float32 model (the reference outputs are computed in fp32), got "
+            f"{', '.join(dtypes)}; load it with dtype=torch.float32 (the bundle dtype is chosen with dtype='fp16')"
+        )
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode while exporting (the reference must not see dropout); the caller's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _bar(iterable: Any, options: ExportOptions, desc: str, **kwargs: Any) -> tqdm:
+    return tqdm(iterable, desc=desc, disable=not options.progress, file=sys.stderr, leave=False, **kwargs)

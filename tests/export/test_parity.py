@@ -8,7 +8,15 @@ import torch
 from transformers import GenerationConfig
 
 from flexi_export.export.reference import left_pad
-from tests.export.util import decoder, max_diff, max_excess, position_ids_from_mask, random_ids, torch_step
+from tests.export.util import (
+    decoder,
+    max_diff,
+    max_excess,
+    position_ids_from_mask,
+    random_ids,
+    reference_evaluator_run,
+    torch_step,
+)
 from tests.helpers import FAMILIES
 
 CASES = [(family, plan) for family in FAMILIES for plan in ("identity", "mixed")]
@@ -120,3 +128,13 @@ def test_fp16_top1_agrees_with_fp32_torch_on_the_reference_prompts(family, bundl
         agree += int(np.sum(logits[keep].argmax(-1) == case.logits[keep].argmax(-1)))
         total += int(keep.sum())
     assert agree / total >= b.manifest["tolerances"]["top1_agreement_min"] == 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_reference_evaluator_agrees_with_torch(family, flexi_model, bundle):
+    """An oracle independent of onnxruntime: the graph's ONNX semantics, evaluated by numpy."""
+    b = bundle(family, "mixed")
+    case = b.reference()[1]
+    logits = reference_evaluator_run(b, case.input_ids, case.attention_mask, case.position_ids)
+    keep = case.attention_mask.astype(bool)
+    assert max_excess(logits[keep], case.logits[keep]) <= 0

@@ -46,4 +46,49 @@ def decoder(bundle) -> OrtDecoder:
     return OrtDecoder(bundle.path, threads=1)
 
 
-__all__ = ["ATOL", "RTOL", "decoder", "max_diff", "max_excess", "position_ids_from_mask", "random_ids", "torch_step"]
+def reference_evaluator_run(bundle, ids, mask, pos) -> np.ndarray:
+    """Logits from ``onnx.reference.ReferenceEvaluator``: the graph's ONNX semantics, computed by numpy in the
+    graph's own dtypes (an oracle independent of onnxruntime's fusions and automatic fp32 fallbacks)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    proto = onnx.load(str(bundle.onnx_path))
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for value in proto.graph.input:
+        if value.name.startswith("past_key_values."):
+            tensor = value.type.tensor_type
+            dims = [d.dim_value for d in tensor.shape.dim]
+            dtype = np.float16 if tensor.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+            feeds[value.name] = np.zeros((ids.shape[0], dims[1], 0, dims[3]), dtype=dtype)
+    return ReferenceEvaluator(proto).run(["logits"], feeds)[0]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids < 104) built locally: nothing downloaded."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "char_tokenizer",
+    "decoder",
+    "max_diff",
+    "max_excess",
+    "position_ids_from_mask",
+    "random_ids",
+    "reference_evaluator_run",
+    "torch_step",
+]

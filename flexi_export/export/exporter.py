@@ -102,21 +102,40 @@ def export_onnx(
     return Bundle(path=Path(out_dir), manifest=manifest)
 
 
-def export_folder(path: str | Path, out_dir: str | Path, **kwargs: Any) -> Bundle:
-    """Export the model in ``path`` (a Flexi checkpoint, or an HF folder exported as a dense model).
+def export_folder(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = 18,
+    dense: bool = False,
+    overwrite: bool = False,
+    check: bool = True,
+    progress: bool = True,
+) -> Bundle:
+    """Export the model in ``path``: a Flexi checkpoint, or an HF folder (exported as its dense model).
 
-    Options and the output folder are checked before the model is loaded; ``kwargs`` are those of
-    :func:`export_onnx`.
+    The options and the output folder are checked before anything is loaded. The manifest records the folder
+    and a sha256 over its config and weight files.
     """
     from flexi_export.source import load_source, model_fingerprint
 
-    ExportOptions(
-        kwargs.get("dtype", "fp32"), kwargs.get("opset", 18), kwargs.get("dense", False), kwargs.get("overwrite", False)
-    ).validate()
-    check_output_dir(out_dir, kwargs.get("overwrite", False))
+    ExportOptions(dtype, opset, dense, overwrite, check, progress).validate()
+    check_output_dir(out_dir, overwrite)
     src = load_source(path, dtype=torch.float32)
     source = {"name": str(path), "sha256": model_fingerprint(path), "is_flexi": src.is_flexi}
-    return export_onnx(src.model, out_dir, tokenizer=src.tokenizer, source=source, **kwargs)
+    return export_onnx(
+        src.model,
+        out_dir,
+        tokenizer=src.tokenizer,
+        dtype=dtype,
+        opset=opset,
+        dense=dense,
+        overwrite=overwrite,
+        check=check,
+        progress=progress,
+        source=source,
+    )
 
 
 def _write_bundle(
@@ -161,7 +180,7 @@ def _write_bundle(
         inline=[{"name": t.name, "role": "rope.inv_freq", "shape": list(t.dims)} for t in graph.inline],
     )
     if options.check:
-        manifest["export_check"] = check_reference(tmp, cases, tolerances)
+        manifest["export_check"] = check_reference(tmp, tolerances)
     write_manifest(tmp, manifest)
     return manifest
 

@@ -2,8 +2,8 @@
 
 Why not ``onnx.save_model(..., save_as_external_data=True)``: it needs every tensor in memory inside the
 ModelProto first (a second full copy of the weights next to the torch model) and does not align offsets.
-Here each tensor is converted (dtype, layout) into one temporary, written, hashed and dropped, so the export's
-peak memory stays near the torch model's own size.
+Here each tensor is converted (dtype, layout) in blocks of 16 MiB, written and hashed on the way, so the
+export's peak memory stays near the torch model's own size.
 
 Alignment: tensors of at least :data:`ALIGN_THRESHOLD` bytes start at a multiple of :data:`ALIGNMENT`
 (64 KiB, the mapping granularity on Windows; 4 KiB pages on Linux divide it), so onnxruntime can memory-map
@@ -14,6 +14,7 @@ them to 64 KiB would mostly store padding, and a copy of such a tensor costs not
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
+from flexi_export.export.io_spec import FLOAT_TYPES
 from flexi_export.export.weights import WeightEntry, WeightRegistry
 
 ALIGNMENT = 64 * 1024
 ALIGN_THRESHOLD = 64 * 1024
 SMALL_ALIGNMENT = 64
 
-_ELEM_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+_ITEMSIZE = {"fp32": 4, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -60,26 +62,24 @@ def write_external_data(
     offset = 0
     with open(path, "wb") as f:
         for entry in registry.entries:
-            array = registry.array(entry)
-            start = _round_up(offset, alignment_for(array.nbytes))
+            length = math.prod(entry.shape) * _ITEMSIZE[registry.dtype]
+            start = _round_up(offset, alignment_for(length))
             if start > offset:
                 f.write(b"\0" * (start - offset))
-            data = memoryview(array).cast("B")
-            f.write(data)
-            stored.append(
-                StoredTensor(
-                    entry=entry,
-                    elem_type=_ELEM_TYPES[array.dtype],
-                    dims=tuple(array.shape),
-                    offset=start,
-                    length=array.nbytes,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-            offset = start + array.nbytes
-            del data, array
+            digest = hashlib.sha256()
+            written = 0
+            for chunk in registry.chunks(entry):
+                data = memoryview(chunk).cast("B")
+                f.write(data)
+                digest.update(data)
+                written += chunk.nbytes
+            if written != length:  # a chunking bug must never shift every later tensor silently
+                raise RuntimeError(f"{entry.name}: wrote {written} bytes, expected {length}")
+            elem_type = FLOAT_TYPES[registry.dtype]
+            stored.append(StoredTensor(entry, elem_type, entry.shape, start, length, digest.hexdigest()))
+            offset = start + length
             if on_bytes is not None:
-                on_bytes(stored[-1].length)
+                on_bytes(length)
     if path.stat().st_size != offset:  # a short write (disk full) must not pass unnoticed
         raise OSError(f"{path} has {path.stat().st_size} bytes, expected {offset}")
     return stored

@@ -5,14 +5,14 @@ lengths, left-padded into one batch). For each case the file holds ``{case}.inpu
 ``{case}.attention_mask``, ``{case}.position_ids`` (int64), ``{case}.logits`` (float32 prefill logits) and
 ``{case}.greedy`` (int64 ``[B, 16]``: greedy tokens from the torch model with its KV cache, never stopping at
 EOS), plus ``cases`` (the case names) and the tolerances as ``tol.<name>`` scalars. Anything that reads a
-bundle (``device_tests/``, ``flexi-export verify``) can replay it with onnxruntime and numpy alone.
+bundle (``device_tests/``, ``flexi-export verify``) can replay it with onnxruntime and numpy alone
+(:mod:`flexi_export.verify.replay` reads it without torch).
 
 Position ids follow transformers' ``generate``: ``cumsum(attention_mask) - 1``, padding positions set to 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from flexi_export.verify.ort_runner import position_ids_from_mask
+from flexi_export.verify.replay import REFERENCE_NAME, ReferenceCase, load_reference
 
-REFERENCE_NAME = "reference.npz"
 GREEDY_TOKENS = 16
 MAX_PROMPT_TOKENS = 16
 _TEXTS = (
@@ -31,18 +31,6 @@ _TEXTS = (
     "import os\nprint(os.",
 )
 _RANDOM_LENGTHS = (9, 12, 6)
-
-
-@dataclass(frozen=True)
-class ReferenceCase:
-    """One golden case (arrays are numpy, batch first)."""
-
-    name: str
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    position_ids: np.ndarray
-    logits: np.ndarray
-    greedy: np.ndarray
 
 
 def reference_prompts(tokenizer: Any | None, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -75,33 +63,27 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 @torch.no_grad()
-def torch_prefill(model: PreTrainedModel, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Full-sequence logits of the torch model (no cache), float32."""
-    out = model(
-        input_ids=torch.from_numpy(ids),
-        attention_mask=torch.from_numpy(mask),
-        position_ids=torch.from_numpy(pos),
-        use_cache=False,
-    )
-    return out.logits.float().numpy()
+def torch_greedy(
+    model: PreTrainedModel, ids: np.ndarray, mask: np.ndarray, steps: int = GREEDY_TOKENS
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prefill logits, steps greedy tokens)`` with the model's KV cache.
 
-
-@torch.no_grad()
-def torch_greedy(model: PreTrainedModel, ids: np.ndarray, mask: np.ndarray, steps: int = GREEDY_TOKENS) -> np.ndarray:
-    """``steps`` greedy tokens with the model's KV cache (a plain ``DynamicCache``: every layer keeps all tokens;
-    sliding-window layers are masked, which gives the same logits as transformers' windowed cache)."""
+    A plain ``DynamicCache`` keeps every token in every layer; sliding-window layers are masked, which gives
+    the same logits as transformers' windowed cache. The first step's logits are the prompt's full logits.
+    """
     cache = DynamicCache()
     mask_t = torch.from_numpy(mask)
     pos = torch.from_numpy(position_ids_from_mask(mask))
     step_ids = torch.from_numpy(ids)
-    tokens = []
+    tokens, prefill = [], None
     for _ in range(steps):
         out = model(input_ids=step_ids, attention_mask=mask_t, position_ids=pos, past_key_values=cache, use_cache=True)
+        prefill = out.logits.float().numpy() if prefill is None else prefill
         step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(step_ids)
         mask_t = torch.cat([mask_t, torch.ones_like(step_ids)], dim=1)
         pos = pos[:, -1:] + 1
-    return torch.cat(tokens, dim=1).numpy().astype(np.int64)
+    return prefill, torch.cat(tokens, dim=1).numpy().astype(np.int64)
 
 
 def compute_reference(model: PreTrainedModel, tokenizer: Any | None, pad_id: int) -> list[ReferenceCase]:
@@ -110,10 +92,8 @@ def compute_reference(model: PreTrainedModel, tokenizer: Any | None, pad_id: int
     cases = []
     for name, group in (("single", prompts[:1]), ("batch", prompts[1:])):
         ids, mask = left_pad(group, pad_id)
-        pos = position_ids_from_mask(mask)
-        logits = torch_prefill(model, ids, mask, pos)
-        greedy = torch_greedy(model, ids, mask)
-        cases.append(ReferenceCase(name, ids, mask, pos, logits.astype(np.float32), greedy))
+        logits, greedy = torch_greedy(model, ids, mask)
+        cases.append(ReferenceCase(name, ids, mask, position_ids_from_mask(mask), logits, greedy))
     return cases
 
 
@@ -130,17 +110,14 @@ def save_reference(path: Path, cases: list[ReferenceCase], tolerances: dict[str,
     return path
 
 
-def load_reference(path: str | Path) -> list[ReferenceCase]:
-    """Read the cases of a ``reference.npz``."""
-    with np.load(path, allow_pickle=False) as data:
-        return [
-            ReferenceCase(
-                name=str(name),
-                input_ids=data[f"{name}.input_ids"],
-                attention_mask=data[f"{name}.attention_mask"],
-                position_ids=data[f"{name}.position_ids"],
-                logits=data[f"{name}.logits"],
-                greedy=data[f"{name}.greedy"],
-            )
-            for name in data["cases"]
-        ]
+__all__ = [
+    "GREEDY_TOKENS",
+    "REFERENCE_NAME",
+    "ReferenceCase",
+    "compute_reference",
+    "left_pad",
+    "load_reference",
+    "reference_prompts",
+    "save_reference",
+    "torch_greedy",
+]

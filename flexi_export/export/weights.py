@@ -14,6 +14,7 @@ ever transposes, reshapes or casts a weight: onnxruntime would fold that into a 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,9 @@ from flexi_export.export.spec import Derived, TensorRef
 AS_IS = "as_is"
 TRANSPOSED = "transposed"
 
-_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+#: Size of the pieces tensors are converted and written in.
+CHUNK_BYTES = 16 * 1024 * 1024
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -68,7 +70,7 @@ class WeightRegistry:
     """Hands out initializer names; the same Parameter always gets the same (single) initializer."""
 
     def __init__(self, names: dict[int, str], dtype: str) -> None:
-        if dtype not in _NUMPY_DTYPES:
+        if dtype not in _TORCH_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}")
         self._names = names
         self.dtype = dtype
@@ -107,21 +109,24 @@ class WeightRegistry:
         """All entries in order of first use (the order they are written to the data file)."""
         return list(self._entries.values())
 
-    def array(self, entry: WeightEntry) -> np.ndarray:
-        """The stored values of ``entry``: bundle dtype, stored layout, C-contiguous (one temporary per call)."""
-        return stored_array(entry.ref, entry.layout, self.dtype)
+    def chunks(self, entry: WeightEntry) -> Iterator[np.ndarray]:
+        """The stored values of ``entry`` as consecutive C-contiguous pieces (see :func:`stored_chunks`)."""
+        return stored_chunks(entry.ref, entry.layout, self.dtype)
 
 
-def stored_array(ref: TensorRef, layout: str, dtype: str) -> np.ndarray:
-    """``ref``'s values as the bundle stores them (dtype converted once here, matrices transposed once here)."""
+def stored_chunks(ref: TensorRef, layout: str, dtype: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """``ref``'s values as the bundle stores them (bundle dtype, stored layout), in row blocks of about
+    ``chunk_bytes``: converting or transposing a whole embedding at once would put a second copy of the
+    largest tensor next to the model; a block at a time keeps the export's extra memory at ``chunk_bytes``."""
     with torch.no_grad():
         tensor = ref.compute() if isinstance(ref, Derived) else ref.detach()
-        tensor = tensor.to(device="cpu", dtype=_TORCH_DTYPES[dtype])
+        tensor = tensor.to("cpu")
         if layout == TRANSPOSED:
-            tensor = tensor.t()
-        return np.ascontiguousarray(tensor.numpy())
-
-
-def numpy_dtype(dtype: str) -> type[np.floating]:
-    """The numpy element type of a bundle dtype (``fp32`` / ``fp16``)."""
-    return _NUMPY_DTYPES[dtype]
+            tensor = tensor.t()  # a view; each block below is copied into the new layout on its own
+        target = _TORCH_DTYPES[dtype]
+        rows = tensor.shape[0] if tensor.dim() else 1
+        row_bytes = max(1, tensor.numel() // max(1, rows) * target.itemsize)
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, rows, step):
+            block = tensor[start : start + step] if tensor.dim() else tensor
+            yield np.ascontiguousarray(block.to(target).numpy())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -128,22 +129,14 @@ def test_a_failure_mid_export_leaves_no_output(error, tmp_path, monkeypatch, fle
 
 
 def test_a_failed_self_check_leaves_no_output(tmp_path, monkeypatch, flexi_model):
-    def wrong_logits(decoder_run):
-        def run(*args, **kwargs):
-            logits, presents = decoder_run(*args, **kwargs)
-            return logits + 1e-2, presents
+    """The torch reference and the graph disagree (here: the reference is shifted): the onnxruntime replay
+    catches it, and nothing is written."""
+    compute = exporter.compute_reference
 
-        return run
+    def shifted(*args, **kwargs):
+        return [dataclasses.replace(case, logits=case.logits + 1e-2) for case in compute(*args, **kwargs)]
 
-    original = exporter.check_reference
-
-    def check_with_wrong_graph(folder, cases, tolerances):
-        from flexi_export.verify import ort_runner
-
-        monkeypatch.setattr(ort_runner.OrtDecoder, "run", wrong_logits(ort_runner.OrtDecoder.run))
-        return original(folder, cases, tolerances)
-
-    monkeypatch.setattr(exporter, "check_reference", check_with_wrong_graph)
+    monkeypatch.setattr(exporter, "compute_reference", shifted)
     with pytest.raises(ExportError, match="does not reproduce the torch model"):
         export_onnx(flexi_model("qwen2", "mixed"), tmp_path / "out", progress=False)
     assert_clean(tmp_path)

@@ -20,10 +20,13 @@ from flexi_export.export.weights import AS_IS, TRANSPOSED
 class BlockContext:
     """Values computed once per graph and read by every block."""
 
-    #: RoPE tables ``[B, 1, S, head_dim]`` in the activation dtype.
-    cos: str
-    sin: str
-    #: Additive attention mask ``[B, 1, S, P+S]`` (float32, 0 or the float32 minimum) per sliding window.
+    #: RoPE tables in the activation dtype, for keys ``[B, 1, S, D]`` and queries ``[B, 1, 1, S, D]``:
+    #: ``cos`` and ``sin_signed`` = ``sin`` with its first half negated (see :func:`rotary`).
+    cos_k: str
+    sin_k: str
+    cos_q: str
+    sin_q: str
+    #: Additive attention mask ``[B, 1, 1, S, P+S]`` (float32, 0 or the float32 minimum) per sliding window.
     masks: dict[int | None, str]
     num_heads: int
     num_kv_heads: int
@@ -80,62 +83,66 @@ def linear(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> 
     return y
 
 
-#   x ─► Split halves (x1, x2) ─► Concat(-x2, x1) ─► Mul sin ─┐
-#   x ─────────────────────────────────────────────► Mul cos ─┴─► Add
-def rotary(g: GraphBuilder, x: str, ctx: BlockContext, name: str) -> str:
-    """``x * cos + rotate_half(x) * sin`` on ``[B, H, S, head_dim]``."""
+#   x ─► Split halves (x1, x2) ─► Concat(x2, x1) ─► Mul sin_signed ─┐
+#   x ──────────────────────────────────────────────────► Mul cos ─┴─► Add
+def rotary(g: GraphBuilder, x: str, cos: str, sin_signed: str, name: str) -> str:
+    """``x * cos + rotate_half(x) * sin`` on ``[..., S, head_dim]``.
+
+    ``rotate_half(x) = Concat(-x2, x1)``; since both halves of ``sin`` are equal, ``rotate_half(x) * sin`` is
+    ``Concat(x2, x1) * Concat(-sin_half, sin_half)``, bit for bit (negation is exact), with one node less.
+    """
     x1, x2 = g.op_n("Split", [x], f"{name}/Split", 2, axis=-1, num_outputs=2)
-    rotated = g.op("Concat", [g.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/Concat", axis=-1)
+    swapped = g.op("Concat", [x2, x1], f"{name}/Concat", axis=-1)
     return g.op(
         "Add",
-        [g.op("Mul", [x, ctx.cos], f"{name}/MulCos"), g.op("Mul", [rotated, ctx.sin], f"{name}/MulSin")],
+        [g.op("Mul", [x, cos], f"{name}/MulCos"), g.op("Mul", [swapped, sin_signed], f"{name}/MulSin")],
         f"{name}/Add",
     )
 
 
-def _heads(g: GraphBuilder, x: str, heads: int, head_dim: int, name: str) -> str:
-    """``[B, S, heads * head_dim]`` -> ``[B, heads, S, head_dim]``."""
-    x = g.op("Reshape", [x, g.ints(0, 0, heads, head_dim)], f"{name}/Reshape")
-    return g.op("Transpose", [x], f"{name}/Transpose", perm=[0, 2, 1, 3])
+def _project_heads(g: GraphBuilder, h: str, spec: LinearSpec, heads: tuple[int, ...], name: str, block: int) -> str:
+    """``linear(h)`` ``[B, S, prod(heads)]`` -> ``[B, *heads[:-1], S, D]`` (heads first, then tokens)."""
+    x = linear(g, h, spec, f"{name}_proj", block)
+    x = g.op("Reshape", [x, g.ints(0, 0, *heads)], f"{name}/Reshape")
+    perm = [0, *range(2, len(heads) + 1), 1, len(heads) + 1]
+    return g.op("Transpose", [x], f"{name}/Transpose", perm=perm)
 
 
-def _repeat_kv(g: GraphBuilder, x: str, ctx: BlockContext, name: str) -> str:
-    """Grouped-query attention: ``[B, kv, T, D]`` -> ``[B, kv * rep, T, D]`` (each kv head repeated in place)."""
-    rep = ctx.num_heads // ctx.num_kv_heads
-    if rep == 1:
-        return x
-    x = g.op("Unsqueeze", [x, g.ints(2)], f"{name}/Unsqueeze")
-    x = g.op("Expand", [x, g.ints(1, 1, rep, 1, 1)], f"{name}/Expand")
-    return g.op("Reshape", [x, g.ints(0, ctx.num_heads, -1, ctx.head_dim)], f"{name}/Reshape")
-
-
-#   h ─► q/k/v linears ─► heads ─► RoPE(q, k) ─► Concat(past, new) = present ─► repeat kv
-#     ─► MatMul(q, kᵀ) * 1/sqrt(D) ─► [fp32] + mask ─► Softmax ─► MatMul v ─► merge heads ─► o linear
+#   h ─► q linear ─► Reshape [B, S, kv, rep, D] ─► Transpose [B, kv, rep, S, D] ─► RoPE
+#   h ─► k/v linears ─► Reshape [B, S, kv, D] ─► Transpose [B, kv, S, D] ─► (k: RoPE) ─► Concat(past, ·) = present
+#   MatMul(q, Unsqueeze(kᵀ) [B, kv, 1, D, T]) * 1/sqrt(D) ─► [fp32] + mask ─► Softmax ─► MatMul Unsqueeze(v)
+#     ─► Transpose [B, S, kv, rep, D] ─► Reshape [B, S, H * D] ─► o linear
 def attention(g: GraphBuilder, h: str, spec: BlockSpec, ctx: BlockContext) -> str:
-    """Self-attention of one block with its KV cache (graph inputs ``past_key_values.{i}.*``)."""
+    """Self-attention of one block with its KV cache (graph inputs ``past_key_values.{i}.*``).
+
+    Grouped-query attention by broadcasting: the ``rep = heads / kv_heads`` query heads of a group sit on their
+    own axis and MatMul broadcasts the group's single key/value head over it (query head ``kv * rep + r`` reads kv
+    head ``kv``, as transformers' ``repeat_kv``) without materialising repeated keys and values.
+    """
     i = spec.index
     base = f"/model/layers.{i}/attn"
-    lin = spec.linears
-    q = _heads(g, linear(g, h, lin["q_proj"], f"{base}/q_proj", i), ctx.num_heads, ctx.head_dim, f"{base}/q")
-    k = _heads(g, linear(g, h, lin["k_proj"], f"{base}/k_proj", i), ctx.num_kv_heads, ctx.head_dim, f"{base}/k")
-    v = _heads(g, linear(g, h, lin["v_proj"], f"{base}/v_proj", i), ctx.num_kv_heads, ctx.head_dim, f"{base}/v")
-    q = rotary(g, q, ctx, f"{base}/q_rotary")
-    k = rotary(g, k, ctx, f"{base}/k_rotary")
+    lin, kv, d = spec.linears, ctx.num_kv_heads, ctx.head_dim
+    rep = ctx.num_heads // kv
+    q = _project_heads(g, h, lin["q_proj"], (kv, rep, d), f"{base}/q", i)  # [B, kv, rep, S, D]
+    k = _project_heads(g, h, lin["k_proj"], (kv, d), f"{base}/k", i)  # [B, kv, S, D]
+    v = _project_heads(g, h, lin["v_proj"], (kv, d), f"{base}/v", i)
+    q = rotary(g, q, ctx.cos_q, ctx.sin_q, f"{base}/q_rotary")
+    k = rotary(g, k, ctx.cos_k, ctx.sin_k, f"{base}/k_rotary")
     past_k, past_v = past_names(i)
     out_k, out_v = present_names(i)
     k_all = g.op_to("Concat", [past_k, k], f"{base}/k_cache/Concat", [out_k], axis=2)[0]
     v_all = g.op_to("Concat", [past_v, v], f"{base}/v_cache/Concat", [out_v], axis=2)[0]
-    k_all = _repeat_kv(g, k_all, ctx, f"{base}/k_repeat")
-    v_all = _repeat_kv(g, v_all, ctx, f"{base}/v_repeat")
     k_t = g.op("Transpose", [k_all], f"{base}/k_transpose", perm=[0, 1, 3, 2])
-    scores = g.op("MatMul", [q, k_t], f"{base}/qk/MatMul")
-    scores = g.op("Mul", [scores, g.fconst(ctx.head_dim**-0.5)], f"{base}/qk/Mul")
+    k_t = g.op("Unsqueeze", [k_t, g.ints(2)], f"{base}/k_group/Unsqueeze")  # [B, kv, 1, D, T]
+    v_all = g.op("Unsqueeze", [v_all, g.ints(2)], f"{base}/v_group/Unsqueeze")  # [B, kv, 1, T, D]
+    scores = g.op("MatMul", [q, k_t], f"{base}/qk/MatMul")  # [B, kv, rep, S, T]
+    scores = g.op("Mul", [scores, g.fconst(d**-0.5)], f"{base}/qk/Mul")
     scores = g.to_float(scores, f"{base}/qk/Cast")
     scores = g.op("Add", [scores, ctx.masks[spec.window]], f"{base}/mask/Add")
     probs = g.from_float(g.op("Softmax", [scores], f"{base}/Softmax", axis=-1), f"{base}/Softmax/CastBack")
-    out = g.op("MatMul", [probs, v_all], f"{base}/pv/MatMul")
-    out = g.op("Transpose", [out], f"{base}/merge/Transpose", perm=[0, 2, 1, 3])
-    out = g.op("Reshape", [out, g.ints(0, 0, ctx.num_heads * ctx.head_dim)], f"{base}/merge/Reshape")
+    out = g.op("MatMul", [probs, v_all], f"{base}/pv/MatMul")  # [B, kv, rep, S, D]
+    out = g.op("Transpose", [out], f"{base}/merge/Transpose", perm=[0, 3, 1, 2, 4])
+    out = g.op("Reshape", [out, g.ints(0, 0, ctx.num_heads * d)], f"{base}/merge/Reshape")
     return linear(g, out, lin["o_proj"], f"{base}/o_proj", i)
 
 

@@ -36,11 +36,13 @@ def build_decoder(spec: ModelSpec, dtype: str, progress: Iterable[int] | None = 
     registry = WeightRegistry(spec.names, dtype)
     g = GraphBuilder(registry, FLOAT_TYPES[dtype])
     io = decoder_io(len(spec.blocks), d.num_kv_heads, d.head_dim, d.vocab_size, dtype)
-    cos, sin = _rope(g, spec)
+    cos_k, sin_k, cos_q, sin_q = _rope(g, spec)
     windows = sorted({b.window for b in spec.blocks}, key=lambda w: -1 if w is None else w)
     ctx = BlockContext(
-        cos=cos,
-        sin=sin,
+        cos_k=cos_k,
+        sin_k=sin_k,
+        cos_q=cos_q,
+        sin_q=sin_q,
         masks=_attention_masks(g, windows),
         num_heads=d.num_heads,
         num_kv_heads=d.num_kv_heads,
@@ -60,27 +62,35 @@ def build_decoder(spec: ModelSpec, dtype: str, progress: Iterable[int] | None = 
     return DecoderGraph(nodes=g.nodes, inline=g.inline, io=io, registry=registry)
 
 
-#   position_ids ─► Cast fp32 ─► Unsqueeze ─► Mul inv_freq ─► Concat(f, f) ─► Cos / Sin ─► [* scaling] ─► Unsqueeze
-def _rope(g: GraphBuilder, spec: ModelSpec) -> tuple[str, str]:
-    """``cos`` and ``sin`` ``[B, 1, S, head_dim]`` from ``position_ids``, angles in fp32 (as transformers)."""
+#   position_ids ─► Cast fp32 ─► Unsqueeze ─► Mul inv_freq = f ─► Cos(Concat(f, f)) ─────────────► cos
+#                                                             └─► Sin(f) ─► Concat(-sin, sin) ─► sin_signed
+def _rope(g: GraphBuilder, spec: ModelSpec) -> tuple[str, str, str, str]:
+    """``cos`` and ``sin_signed`` for keys ``[B, 1, S, D]`` and queries ``[B, 1, 1, S, D]``, angles in fp32.
+
+    transformers computes ``cos(Concat(f, f))`` and ``sin(Concat(f, f))``; the graph takes ``Sin`` of one half
+    and concatenates it negated and plain, the same values (``sin_signed`` is what :func:`rotary` needs).
+    """
     name = "/model/rotary_emb"
     inv_freq = g.inline_initializer("model.rotary_emb.inv_freq", spec.rope.inv_freq.astype(np.float32))
     pos = g.op("Cast", ["position_ids"], f"{name}/Cast", to=TensorProto.FLOAT)
     pos = g.op("Unsqueeze", [pos, g.ints(2)], f"{name}/Unsqueeze")
-    freqs = g.op("Mul", [pos, inv_freq], f"{name}/Mul")
-    emb = g.op("Concat", [freqs, freqs], f"{name}/Concat", axis=-1)
+    freqs = g.op("Mul", [pos, inv_freq], f"{name}/Mul")  # [B, S, D / 2]
+    cos = g.op("Cos", [g.op("Concat", [freqs, freqs], f"{name}/Concat", axis=-1)], f"{name}/Cos")
+    sin = g.op("Sin", [freqs], f"{name}/Sin")
+    sin = g.op("Concat", [g.op("Neg", [sin], f"{name}/Sin/Neg"), sin], f"{name}/Sin/Concat", axis=-1)
     out = []
-    for fn in ("Cos", "Sin"):
-        value = g.op(fn, [emb], f"{name}/{fn}")
+    for fn, value in (("Cos", cos), ("Sin", sin)):
         if spec.rope.attention_scaling != 1.0:
-            value = g.op("Mul", [value, g.f32const(spec.rope.attention_scaling)], f"{name}/{fn}/Mul")
-        value = g.op("Unsqueeze", [value, g.ints(1)], f"{name}/{fn}/Unsqueeze")
-        out.append(g.from_float(value, f"{name}/{fn}/CastBack"))
-    return out[0], out[1]
+            value = g.op("Mul", [value, g.f32const(spec.rope.attention_scaling)], f"{name}/{fn}/Scale")
+        value = g.from_float(g.op("Unsqueeze", [value, g.ints(1)], f"{name}/{fn}/Unsqueeze"), f"{name}/{fn}/CastBack")
+        out.append(value)  # [B, 1, S, D] (keys)
+    for fn, value in (("Cos", out[0]), ("Sin", out[1])):
+        out.append(g.op("Unsqueeze", [value, g.ints(1)], f"{name}/{fn}/Unsqueeze5"))  # [B, 1, 1, S, D] (queries)
+    return out[0], out[1], out[2], out[3]
 
 
 #   kv index t ∈ [0, P+S), query index q ∈ [P, P+S):  allowed = mask[b, t] and t <= q (and t > q - window)
-#   additive mask = Where(allowed, 0, float32 min)  ─►  [B, 1, S, P+S]
+#   additive mask = Where(allowed, 0, float32 min)  ─►  [B, 1, 1, S, P+S] (broadcast over kv heads and groups)
 def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | None, str]:
     """Causal + padding masks (one per sliding-window size), indexed like transformers' ``masking_utils``.
 
@@ -101,7 +111,7 @@ def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | N
     q_col = g.op("Unsqueeze", [q, g.ints(1)], f"{name}/QCol")  # [S, 1]
     causal = g.op("LessOrEqual", [kv_row, q_col], f"{name}/Causal")  # [S, T]
     padding = g.op("Cast", ["attention_mask"], f"{name}/Padding", to=TensorProto.BOOL)
-    padding = g.op("Unsqueeze", [padding, g.ints(1, 2)], f"{name}/Padding/Unsqueeze")  # [B, 1, 1, T]
+    padding = g.op("Unsqueeze", [padding, g.ints(1, 2, 3)], f"{name}/Padding/Unsqueeze")  # [B, 1, 1, 1, T]
     masks = {}
     for window in windows:
         tag = "full" if window is None else f"window{window}"
@@ -110,7 +120,7 @@ def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | N
             start = g.op("Sub", [q_col, g.const(window, np.int64)], f"{name}/{tag}/Start")
             inside = g.op("Greater", [kv_row, start], f"{name}/{tag}/Inside")
             allowed = g.op("And", [causal, inside], f"{name}/{tag}/And")
-        allowed = g.op("And", [padding, allowed], f"{name}/{tag}/Padding/And")  # [B, 1, S, T]
+        allowed = g.op("And", [padding, allowed], f"{name}/{tag}/Padding/And")  # [B, 1, 1, S, T]
         masks[window] = g.op(
             "Where",
             [allowed, g.f32const(0.0), g.f32const(float(np.finfo(np.float32).min))],

@@ -228,6 +228,9 @@ def _check_float32(model: PreTrainedModel) -> None:
             f"the exporter needs a float32 model (the reference outputs are computed in fp32), got "
             f"{', '.join(dtypes)}; load it with dtype=torch.float32 (the bundle dtype is chosen with dtype='fp16')"
         )
+    devices = sorted({p.device.type for p in model.parameters()})
+    if devices != ["cpu"]:
+        raise ExportError(f"the exporter needs the model on the CPU, it is on {', '.join(devices)}; call model.cpu()")
 
 
 @contextmanager

@@ -147,3 +147,10 @@ def test_a_non_float32_model_is_refused(tmp_path):
     with pytest.raises(ExportError, match="needs a float32 model"):
         export_onnx(model, tmp_path / "out", progress=False)
     assert_clean(tmp_path)
+
+
+def test_a_model_off_the_cpu_is_refused(tmp_path):
+    model = tiny_model("llama").to("meta")
+    with pytest.raises(ExportError, match="on the CPU, it is on meta"):
+        export_onnx(model, tmp_path / "out", progress=False)
+    assert_clean(tmp_path)

@@ -121,7 +121,8 @@ def compress_command(**kw: Any) -> None:
 
         spawn(compress, nproc, (options,))
         report = json.loads((Path(options.out) / JSON_NAME).read_text())
-    _summary(options.out, report)
+    if report:  # empty on the other ranks of a torchrun launch: only rank 0 reports
+        _summary(options.out, report)
 
 
 def _options(kw: dict[str, Any]) -> CompressOptions:

@@ -125,6 +125,29 @@ class Distiller(nn.Module):
         return DistillOutput(student_logits, teacher_logits, s_hidden, t_hidden)
 
 
+def fsdp_groups(distiller: Distiller) -> list[list[nn.Module]]:
+    """Shard groups: each teacher block with the student blocks that borrow its weights; pruned blocks alone."""
+    layout = layout_for(distiller.student.config.model_type)
+    s_layers = list(get_module(distiller.student, layout.layers))
+    t_layers = list(get_module(distiller.teacher, layout.layers))
+    plan = get_plan(distiller.student)
+    assert plan is not None
+    groups: dict[int, list[nn.Module]] = {}
+    for block in plan.executed():
+        groups.setdefault(block.owner, []).append(s_layers[block.index])
+    student_ids = {id(m) for m in s_layers}
+    out = list(groups.values())
+    for layer in t_layers:
+        if id(layer) not in student_ids:
+            student_params = {id(p) for p in distiller.student.parameters()}
+            if any(id(p) in student_params for p in layer.parameters()):
+                raise ValueError(
+                    "FSDP needs the teacher view (teacher_view) so that modules, not only weights, are shared"
+                )
+            out.append([layer])
+    return out
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """Weights of the loss terms and the distillation temperature."""

@@ -210,6 +210,40 @@ def _compress(options: CompressOptions, device: torch.device, log: Callable[[str
     source = load_source(options.model, device=device)
     dims = source.layout.dims(source.model.config)
     _check(options, source, dims)
+    data = _data(options, source, log)
+    plan, timings, init, evaluations = _plan_and_init(options, source, data, resuming, device, log)
+    student = build_flexi(source.model, plan, init=init, seed=options.recovery.seed)
+    teacher = teacher_view(source.model, student)
+    if not resuming and options.evaluate and info.is_main:
+        evaluations.update(_evaluate_before(source, student, data, options.progress, log))
+    extra = {"plan": plan.to_json(), "timings": timings, "evaluation": evaluations}
+    if not flexi_trainable(student):  # a ShortGPT removal plan has nothing of its own to train
+        log("no replacement or inserted blocks: nothing to recover")
+        options = replace(options, recovery=replace(options.recovery, tokens=0))
+    result = recover(
+        student,
+        teacher,
+        data.train,
+        options.recovery,
+        checkpoint_dir=options.checkpoint_folder(),
+        resume=options.resume,
+        progress=options.progress,
+        extra=extra,
+    )
+    timings["recovery"] = result.seconds
+    if D.choose_strategy(options.recovery.strategy) == "fsdp" and info.distributed:
+        # fully_shard changed the modules in place: rebuild a plain model from the trained tensors
+        source = load_source(options.model, device=device)
+        student = build_flexi(source.model, plan, init=result.params, seed=options.recovery.seed)
+    report: dict[str, Any] = {}
+    if info.is_main:
+        report = _finish(options, source, student, plan, data, result, evaluations, timings, started, log)
+    D.barrier()
+    return report
+
+
+def _data(options: CompressOptions, source: SourceModel, log: Callable[[str], None]) -> TokenData:
+    """Calibration, training (enough rows for the token budget) and held-out sequences."""
     rows = -(-options.recovery.tokens // options.seq_len) if options.recovery.tokens > 0 else 0
     corpus = load_corpus(options.data, options.text_field)
     data = prepare_tokens(
@@ -225,48 +259,35 @@ def _compress(options: CompressOptions, device: torch.device, log: Callable[[str
         f"data: {corpus.name}, {data.calibration.shape[0]} calibration / {data.train.shape[0]} training / "
         f"{data.heldout.shape[0]} held-out sequences of {options.seq_len} tokens"
     )
-    ckpt = options.checkpoint_folder()
-    if resuming:
-        state = read_state(ckpt)
-        plan = BlockPlan.from_json(state.extra["plan"]).validate()
-        init, timings, evaluations = read_params(ckpt), dict(state.extra["timings"]), dict(state.extra["evaluation"])
-        log(f"resuming recovery from step {state.step} in {ckpt}")
-    else:
+    return data
+
+
+def _plan_and_init(
+    options: CompressOptions,
+    source: SourceModel,
+    data: TokenData,
+    resuming: bool,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[BlockPlan, dict[str, float], dict[str, torch.Tensor], dict[str, Any]]:
+    """A fresh plan and initial tensors, or, when resuming, those stored in the recovery checkpoint."""
+    if not resuming:
         plan, timings, init = _decide(source, data, options, device, log)
-        evaluations = {}
-    student = build_flexi(source.model, plan, init=init, seed=options.recovery.seed)
-    teacher = teacher_view(source.model, student)
-    if not resuming and options.evaluate and info.is_main:
-        evaluations["dense"] = evaluate_model(source.model, data.heldout, progress=options.progress).to_json()
-        evaluations["before_recovery"] = evaluate_model(student, data.heldout, progress=options.progress).to_json()
-        log(
-            f"held-out perplexity: dense {evaluations['dense']['perplexity']:.3f}, "
-            f"compressed before recovery {evaluations['before_recovery']['perplexity']:.3f}"
-        )
-    extra = {"plan": plan.to_json(), "timings": timings, "evaluation": evaluations}
-    if not flexi_trainable(student):  # a ShortGPT removal plan has nothing of its own to train
-        log("no replacement or inserted blocks: nothing to recover")
-        options = replace(options, recovery=replace(options.recovery, tokens=0))
-    result = recover(
-        student,
-        teacher,
-        data.train,
-        options.recovery,
-        checkpoint_dir=ckpt,
-        resume=options.resume,
-        progress=options.progress,
-        extra=extra,
-    )
-    timings["recovery"] = result.seconds
-    if D.choose_strategy(options.recovery.strategy) == "fsdp" and info.distributed:
-        # fully_shard changed the modules in place: rebuild a plain model from the trained tensors
-        source = load_source(options.model, device=device)
-        student = build_flexi(source.model, plan, init=result.params, seed=options.recovery.seed)
-    report: dict[str, Any] = {}
-    if info.is_main:
-        report = _finish(options, source, student, plan, data, result, evaluations, timings, started, log)
-    D.barrier()
-    return report
+        return plan, timings, init, {}
+    ckpt = options.checkpoint_folder()
+    state = read_state(ckpt)
+    plan = BlockPlan.from_json(state.extra["plan"]).validate()
+    log(f"resuming recovery from step {state.step} in {ckpt}")
+    return plan, dict(state.extra["timings"]), read_params(ckpt), dict(state.extra["evaluation"])
+
+
+def _evaluate_before(
+    source: SourceModel, student: torch.nn.Module, data: TokenData, progress: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    dense = evaluate_model(source.model, data.heldout, progress=progress).to_json()
+    before = evaluate_model(student, data.heldout, progress=progress).to_json()
+    log(f"held-out perplexity: dense {dense['perplexity']:.3f}, compressed before recovery {before['perplexity']:.3f}")
+    return {"dense": dense, "before_recovery": before}
 
 
 def _prepare_folders(options: CompressOptions) -> bool:

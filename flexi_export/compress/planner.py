@@ -176,15 +176,37 @@ def make_plan(
         sources = choose_sources(pruned, kept, options.choice, distances, options.max_reuse)
     plan = BlockPlan(info, _entries(dims.num_blocks, set(pruned), options, sources)).validate()
     ratio = compression_ratio(plan, dims)
+    record = _record(plan, dims, scores, options, pruned, kept, sources, distances)
+    return PlanResult(
+        plan=plan.with_provenance(**{**(provenance or {}), **record}),
+        pruned=tuple(pruned),
+        sources=sources,
+        ratio=ratio,
+        stored_parameters=plan_parameters(plan, dims),
+        dense_parameters=dense_parameters(dims),
+        distances=distances,
+    )
+
+
+def _record(
+    plan: BlockPlan,
+    dims: ModelDims,
+    scores: Sequence[float],
+    options: PlanOptions,
+    pruned: list[int],
+    kept: list[int],
+    sources: dict[int, int],
+    distances: dict[int, dict[int, float]],
+) -> dict[str, Any]:
+    """The plan's provenance: scores, pruning, ratio and (for Flexi) sources and the distance matrix."""
     record: dict[str, Any] = {
-        **(provenance or {}),
         "method": options.method,
         "block_influence": list(scores),
         "prune_order": prune_order(scores),
         "pruned": pruned,
         "target_ratio": options.ratio,
         "target_num_blocks": options.num_blocks,
-        "achieved_ratio": ratio,
+        "achieved_ratio": compression_ratio(plan, dims),
         "stored_parameters": plan_parameters(plan, dims),
         "dense_parameters": dense_parameters(dims),
     }
@@ -200,12 +222,4 @@ def make_plan(
                 "values": [[distances[i][j] for j in kept] for i in pruned],
             },
         )
-    return PlanResult(
-        plan=plan.with_provenance(**record),
-        pruned=tuple(pruned),
-        sources=sources,
-        ratio=ratio,
-        stored_parameters=plan_parameters(plan, dims),
-        dense_parameters=dense_parameters(dims),
-        distances=distances,
-    )
+    return record

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from flexi_export.compress import distributed as D
-from flexi_export.compress.distill import Distiller, LossWeights, distillation_loss, matched_blocks
+from flexi_export.compress.distill import Distiller, LossWeights, distillation_loss, fsdp_groups, matched_blocks
 from flexi_export.compress.train_state import TrainState, has_checkpoint, load_checkpoint, read_state, save_checkpoint
 from flexi_export.errors import CheckpointError, CompressError
 from flexi_export.layouts import layout_for
-from flexi_export.model.build import get_module, get_plan
+from flexi_export.model.build import get_plan
 
 
 @dataclass(frozen=True)
@@ -161,29 +161,6 @@ def _only_trainable(module: nn.Module, names: set[str]) -> Iterator[None]:
             p.requires_grad_(before[n])
 
 
-def _fsdp_groups(distiller: Distiller) -> list[list[nn.Module]]:
-    """Shard groups: each teacher block with the student blocks that borrow its weights; pruned blocks alone."""
-    layout = layout_for(distiller.student.config.model_type)
-    s_layers = list(get_module(distiller.student, layout.layers))
-    t_layers = list(get_module(distiller.teacher, layout.layers))
-    plan = get_plan(distiller.student)
-    assert plan is not None
-    groups: dict[int, list[nn.Module]] = {}
-    for block in plan.executed():
-        groups.setdefault(block.owner, []).append(s_layers[block.index])
-    student_ids = {id(m) for m in s_layers}
-    out = list(groups.values())
-    for layer in t_layers:
-        if id(layer) not in student_ids:
-            student_params = {id(p) for p in distiller.student.parameters()}
-            if any(id(p) in student_params for p in layer.parameters()):
-                raise CompressError(
-                    "FSDP needs the teacher view (teacher_view) so that modules, not only weights, are shared"
-                )
-            out.append([layer])
-    return out
-
-
 def recover(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -271,14 +248,22 @@ def _check_batching(config: RecoveryConfig, world: int) -> None:
 
 @contextlib.contextmanager
 def _checkpointing(student: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """Activation (gradient) checkpointing of the student's blocks for the duration of the run."""
     if not enabled:
         yield
         return
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # the non-reentrant form works with frozen inputs and with DDP
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     try:
         yield
     finally:
-        student.gradient_checkpointing_disable()
+        if hasattr(student, "activation_checkpointing_disable"):
+            student.activation_checkpointing_disable()
+        else:
+            student.gradient_checkpointing_disable()
 
 
 def _wrap(
@@ -288,7 +273,7 @@ def _wrap(
         return distiller, "single"
     strategy = D.choose_strategy(config.strategy)
     if strategy == "fsdp":
-        return D.wrap_fsdp(distiller, _fsdp_groups(distiller), device), "fsdp"
+        return D.wrap_fsdp(distiller, fsdp_groups(distiller), device), "fsdp"
     return D.wrap_ddp(distiller, device), "ddp"
 
 

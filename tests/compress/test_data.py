@@ -143,3 +143,14 @@ def test_too_little_text_is_a_clear_error(text_dir, tokenizer):
         prepare_tokens(corpus, tokenizer, 32, 100_000, 0, 3)
     with pytest.raises(DataError, match="do not fill one sequence"):
         token_sequences(tokenizer, [Document("a", "tiny")], 512)
+
+
+def test_evaluation_rows_from_the_heldout_split_or_all_documents(text_dir, tokenizer):
+    from flexi_export.compress.evaluate import heldout_sequences
+
+    corpus = load_corpus(text_dir)
+    rows, info = heldout_sequences(tokenizer, text_dir, seq_len=32, max_sequences=None)
+    assert info["documents"] == len(corpus.heldout) and info["split"] == "heldout"
+    assert rows.equal(token_sequences(tokenizer, list(corpus.heldout), 32))
+    every, info = heldout_sequences(tokenizer, text_dir, seq_len=32, max_sequences=None, split="all")
+    assert info["documents"] == len(corpus.train) + len(corpus.heldout) and every.shape[0] > rows.shape[0]

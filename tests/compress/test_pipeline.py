@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,14 +72,23 @@ def test_resumed_compress_equals_an_uninterrupted_one(model_dir, text_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_two_process_cli_run_matches_one_process(model_dir, text_dir, tmp_path):
+def test_two_process_runs_match_one_process(model_dir, text_dir, tmp_path):
     common = ["--num-blocks", "2", "--rank", "4", "--data", str(text_dir), "--tokens", str(4 * 32 * 6)]
     common += ["--calib-sequences", "4", "--seq-len", "32", "--eval-sequences", "4", "--batch-size", "4", "--quiet"]
     for name, extra in (("one", []), ("two", ["--nproc", "2"])):
         result = CliRunner().invoke(main, ["compress", str(model_dir), "--out", str(tmp_path / name), *common, *extra])
         assert result.exit_code == 0, result.output
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--no-python"]
+    cli = [str(Path(sys.executable).with_name("flexi-export")), "compress", str(model_dir)]
+    run = subprocess.run(
+        [*torchrun, *cli, "--out", str(tmp_path / "torchrun"), *common], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1  # only rank 0 reports
     one = json.loads((tmp_path / "one" / "compress_report.json").read_text())
-    two = json.loads((tmp_path / "two" / "compress_report.json").read_text())
-    assert two["recovery"]["processes"] == 2 and one["recovery"]["processes"] == 1
-    assert two["recovery"]["losses"] == pytest.approx(one["recovery"]["losses"], rel=1e-4)
-    assert two["plan_fingerprint"] == one["plan_fingerprint"]
+    assert one["recovery"]["processes"] == 1
+    for name in ("two", "torchrun"):
+        other = json.loads((tmp_path / name / "compress_report.json").read_text())
+        assert other["recovery"]["processes"] == 2
+        assert other["recovery"]["losses"] == pytest.approx(one["recovery"]["losses"], rel=1e-4)
+        assert other["plan_fingerprint"] == one["plan_fingerprint"]

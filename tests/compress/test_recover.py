@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexi_export.compress.distill import DistillOutput, LossWeights, distillation_loss, teacher_view
+from flexi_export.compress.distill import DistillOutput, LossWeights, distillation_loss, matched_blocks, teacher_view
 from flexi_export.compress.init import initial_values
 from flexi_export.compress.recover import RecoveryConfig, flexi_trainable, lr_at, recover
 from flexi_export.compress.train_state import has_checkpoint, read_state
 from flexi_export.errors import CheckpointError, CompressError
 from flexi_export.model import build_flexi
 from flexi_export.plan import AdapterSpec, BlockPlan, SourceInfo, original, removed, shared
-from tests.helpers import tiny_model
+from tests.helpers import mixed_plan, tiny_model
 
 
 def _plan(ofn: str = "rms", family: str = "llama") -> BlockPlan:
@@ -176,3 +176,28 @@ def test_nothing_to_train_is_a_clear_error():
     student = build_flexi(model, plan)
     with pytest.raises(CompressError, match="nothing to train"):
         recover(student, model, torch.randint(3, 320, (4, 8)), RecoveryConfig(tokens=64, batch_size=4), progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    runs = []
+    for checkpointing in (False, True):
+        model, student, ids = _setup()
+        config = RecoveryConfig(tokens=8 * 16 * 3, batch_size=8, gradient_checkpointing=checkpointing)
+        seen: list[bool] = []
+
+        def on_step(info, student=student, seen=seen):
+            seen.append(student.model.layers[3].gradient_checkpointing)
+
+        runs.append(recover(student, teacher_view(model, student), ids, config, progress=False, on_step=on_step))
+        assert seen == [checkpointing] * 3
+        assert not student.model.layers[3].gradient_checkpointing  # switched off again afterwards
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-5)
+
+
+def test_hidden_state_mse_pairs_blocks_by_position_and_trains():
+    plan = mixed_plan("llama", ofn="rms")  # original, replacement, removed and inserted blocks
+    assert matched_blocks(plan) == [(0, 0), (1, 1), (2, 2), (4, 3), (5, 5)]
+    model, student, ids = _setup()
+    config = RecoveryConfig(tokens=16 * 16 * 6, batch_size=16, lr=5e-3, loss=LossWeights(kl=0.0, hidden_mse=1.0))
+    result = recover(student, teacher_view(model, student), ids, config, progress=False)
+    assert result.losses[-1] < result.losses[0]

@@ -7,8 +7,10 @@ export's peak memory stays near the torch model's own size.
 
 Alignment: tensors of at least :data:`ALIGN_THRESHOLD` bytes start at a multiple of :data:`ALIGNMENT`
 (64 KiB, the mapping granularity on Windows; 4 KiB pages on Linux divide it), so onnxruntime can memory-map
-each of them in place. Smaller tensors (norms, biases, adapters) start at a multiple of 64 bytes: aligning
-them to 64 KiB would mostly store padding, and a copy of such a tensor costs nothing.
+each of them in place. Smaller tensors (norms, biases, adapters) start on a 4 KiB page: aligning them to
+64 KiB would mostly store padding, and page alignment keeps every page to one tensor. onnxruntime maps each
+tensor separately; a page shared by two mappings is resident once, but kernels with large page-cache folios
+under-count the PSS of such overlapping mappings, which would blur every residency measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flexi_export.export.weights import WeightEntry, WeightRegistry
 
 ALIGNMENT = 64 * 1024
 ALIGN_THRESHOLD = 64 * 1024
-SMALL_ALIGNMENT = 64
+SMALL_ALIGNMENT = 4096
 
 _ITEMSIZE = {"fp32": 4, "fp16": 2}
 

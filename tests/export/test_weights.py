@@ -51,7 +51,7 @@ def test_chunked_conversion_equals_converting_the_whole_tensor(layout, dtype):
 
 def test_external_data_is_aligned_hashed_and_reads_back(tmp_path):
     big = nn.Parameter(torch.randn(160, 128))  # 80 KiB: 64 KiB-aligned
-    small = nn.Parameter(torch.randn(5))  # 20 bytes: 64-byte aligned
+    small = nn.Parameter(torch.randn(5))  # 20 bytes: page aligned
     matrix = nn.Parameter(torch.randn(64, 300))  # 75 KiB
     registry = _registry(("small", small), ("big", big), ("matrix", matrix))
     registry.use(small, "norm", AS_IS, "/n")

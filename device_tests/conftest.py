@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flexi_device  # noqa: E402  (this folder is self-contained: no package to install)
+import flexi_device
 
 _SUMMARY: list[tuple[str, str]] = []
 
@@ -16,8 +16,13 @@ _SUMMARY: list[tuple[str, str]] = []
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flexi-export device tests")
     group.addoption("--bundle", action="store", default=None, help="the exported bundle folder to test")
-    group.addoption("--memory-budget-mb", action="store", type=float, default=None,
-                    help="fail when the process's peak memory (VmHWM) exceeds this many MiB")
+    group.addoption(
+        "--memory-budget-mb",
+        action="store",
+        type=float,
+        default=None,
+        help="fail when the process's peak memory (VmHWM) exceeds this many MiB",
+    )
     group.addoption("--threads", action="store", type=int, default=2, help="onnxruntime intra-op threads")
 
 
@@ -49,7 +54,7 @@ def summary() -> list[tuple[str, str]]:
     return _SUMMARY
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if not _SUMMARY:
         return
     terminalreporter.section("flexi-export device summary")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,120 @@ PROC = Path("/proc/self")
 _NP_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "INT64": np.int64}
 
 
+# ------------------------------------------------------------------------------------------------ running
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+ONNX_RELATIVE = Path("onnx") / "model.onnx"
+REFERENCE_NAME = "reference.npz"
+
+
+def position_ids_from_mask(mask: np.ndarray) -> np.ndarray:
+    """transformers' position ids for a (left-padded) mask: ``cumsum - 1``, padding positions set to 1."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def session_options(
+    disable_prepacking: bool = True,
+    threads: int | None = 2,
+    optimized_model: str | None = None,
+    config_entries: dict[str, str] | None = None,
+) -> Any:
+    """onnxruntime ``SessionOptions``: prepacking off (the manifest's recommendation: weights stay mapped) unless
+    asked otherwise, a fixed thread count, quiet logs, optionally saving the optimized graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if disable_prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # keep the hardware-specific-optimisation warnings out of user output
+    if optimized_model is not None:
+        options.optimized_model_filepath = optimized_model
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OrtDecoder:
+    """One onnxruntime CPU session over a decoder graph with a KV cache.
+
+    Reads the I/O contract from the session itself (names, kv heads, head_dim, dtype), so it runs any graph that
+    follows optimum's ``text-generation-with-past`` layout, not only flexi-export's.
+    """
+
+    def __init__(self, model_path: str | Path, options: Any | None = None, threads: int | None = 2) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if path.is_dir():
+            path = path / ONNX_RELATIVE
+        options = options if options is not None else session_options(True, threads)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.float_dtype = _ORT_FLOATS[self.past[0].type] if self.past else np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def num_layers(self) -> int:
+        """Executed blocks (one key and one value cache each)."""
+        return len(self.past) // 2
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length caches for the first step (kv heads and head_dim from the input metadata)."""
+        return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=self.float_dtype) for i in self.past}
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward: ``(logits, {present name: array})``."""
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        feeds.update(self.empty_past(input_ids.shape[0]) if past is None else past)
+        named = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        logits = named.pop("logits")
+        return logits, named
+
+    @staticmethod
+    def as_past(present: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feed a step's ``present.*`` outputs back as the next step's ``past_key_values.*``."""
+        return {name.replace("present.", "past_key_values.", 1): value for name, value in present.items()}
+
+    def greedy(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int, position_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill, then ``steps`` greedy tokens with the cache (never stopping at EOS).
+
+        Returns ``(prefill logits, tokens [B, steps])``.
+        """
+        pos = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
+        logits, present = self.run(input_ids, attention_mask, pos)
+        prefill, mask, tokens = logits, attention_mask, []
+        for step in range(steps):
+            token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            tokens.append(token)
+            if step == steps - 1:
+                break
+            mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+            pos = pos[:, -1:] + 1
+            logits, present = self.run(token, mask, pos, self.as_past(present))
+        return prefill, np.concatenate(tokens, axis=1) if tokens else np.zeros((input_ids.shape[0], 0), np.int64)
+
+
 # ------------------------------------------------------------------------------------------------ the bundle
 class Bundle:
-    """A bundle folder: manifest, graph, data file, reference cases."""
+    """A bundle folder: manifest, graph, data file (``reference.npz`` beside them)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -50,126 +161,94 @@ class Bundle:
         self.data = self.path / self.manifest["files"]["data"]
         self.io = self.manifest["io"]
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.io["num_layers"])
-
-    def input_spec(self, name: str) -> dict[str, Any]:
-        return next(t for t in self.io["inputs"] if t["name"] == name)
-
-    def cache_dtype(self) -> Any:
-        return _NP_DTYPES[self.input_spec(self.io["past_key"] % 0)["dtype"]]
-
-    def kv_shape(self, layer: int) -> tuple[int, int]:
-        """(kv_heads, head_dim) of executed block ``layer`` (concrete ints in the graph's input shapes)."""
-        shape = self.input_spec(self.io["past_key"] % layer)["shape"]
-        return int(shape[1]), int(shape[3])
-
     def kv_bytes(self, batch: int, length: int) -> int:
         """Bytes of the whole KV cache (keys and values of every executed block) at ``length`` tokens."""
-        item = np.dtype(self.cache_dtype()).itemsize
-        return sum(2 * batch * h * length * d * item for h, d in (self.kv_shape(i) for i in range(self.num_layers)))
+        total = 0
+        for spec in self.io["inputs"]:
+            if spec["name"].startswith("past_key_values."):
+                item = np.dtype(_NP_DTYPES[spec["dtype"]]).itemsize
+                total += batch * int(spec["shape"][1]) * length * int(spec["shape"][3]) * item
+        return total
 
-    def recommended_options(self) -> dict[str, str]:
-        return dict(self.manifest.get("session_options", {}).get("config_entries", {}))
-
-
-def make_session(bundle: Bundle, mode: str = "recommended", threads: int = 2) -> Any:
-    """An onnxruntime CPU session with the manifest's recommended options or onnxruntime's defaults."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if mode == "recommended":
-        for key, value in bundle.recommended_options().items():
-            options.add_session_config_entry(key, value)
-    elif mode != "default":
-        raise ValueError(f"unknown session mode {mode!r}")
-    return ort.InferenceSession(str(bundle.model), options, providers=["CPUExecutionProvider"])
-
-
-# ------------------------------------------------------------------------------------------------- running
-def empty_past(bundle: Bundle, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length cache tensors for the first step (every client does this)."""
-    dtype = bundle.cache_dtype()
-    feeds = {}
-    for i in range(bundle.num_layers):
-        heads, dim = bundle.kv_shape(i)
-        for template in (bundle.io["past_key"], bundle.io["past_value"]):
-            feeds[template % i] = np.zeros((batch, heads, 0, dim), dtype=dtype)
-    return feeds
-
-
-def step(
-    session: Any, bundle: Bundle, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, np.ndarray]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One forward: logits and the next step's past (present.* renamed to past_key_values.*)."""
-    feeds = {"input_ids": ids, "attention_mask": mask, **past}
-    names = {i.name for i in session.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = pos
-    output_names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(output_names, session.run(None, feeds), strict=True))
-    new_past = {}
-    for i in range(bundle.num_layers):
-        new_past[bundle.io["past_key"] % i] = outputs[bundle.io["present_key"] % i]
-        new_past[bundle.io["past_value"] % i] = outputs[bundle.io["present_value"] % i]
-    return outputs["logits"], new_past
-
-
-def greedy(
-    session: Any, bundle: Bundle, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, steps: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill ``ids`` then ``steps`` greedy tokens with the KV cache: (prefill logits, tokens [B, steps])."""
-    logits, past = step(session, bundle, ids, mask, pos, empty_past(bundle, ids.shape[0]))
-    prefill = logits
-    tokens = []
-    for _ in range(steps):
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-        tokens.append(nxt)
-        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-        pos = pos[:, -1:] + 1
-        logits, past = step(session, bundle, nxt, mask, pos, past)
-    return prefill, np.concatenate(tokens, axis=1)
+    def options(self, mode: str, threads: int) -> Any:
+        """``recommended``: the manifest's session options; ``default``: onnxruntime's defaults."""
+        if mode == "default":
+            return session_options(disable_prepacking=False, threads=threads)
+        if mode != "recommended":
+            raise ValueError(f"unknown session mode {mode!r}")
+        entries = dict(self.manifest.get("session_options", {}).get("config_entries", {}))
+        return session_options(disable_prepacking=False, threads=threads, config_entries=entries)
 
 
 # -------------------------------------------------------------------------------------------------- replay
-def replay(bundle: Bundle, threads: int = 2, mode: str = "recommended") -> dict[str, Any]:
-    """Replay ``reference.npz``: per case, max |logits diff| on real (non-pad) positions, top-1 agreement,
-    and whether the greedy tokens are identical; ``passed`` applies the manifest's tolerances."""
-    tol = bundle.manifest["tolerances"]
-    session = make_session(bundle, mode, threads)
-    cases = []
-    with np.load(bundle.path / "reference.npz", allow_pickle=False) as data:
-        for name in (str(n) for n in data["cases"]):
-            ids, mask, pos = (data[f"{name}.{k}"] for k in ("input_ids", "attention_mask", "position_ids"))
-            expected, want_tokens = data[f"{name}.logits"], data[f"{name}.greedy"]
-            logits, tokens = greedy(session, bundle, ids, mask, pos, want_tokens.shape[1])
-            real = mask.astype(bool)
-            got, ref = logits.astype(np.float32)[real], expected[real]
-            diff = float(np.abs(got - ref).max())
-            top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
-            cases.append(
-                {"case": name, "max_abs_logits_diff": diff, "top1_agreement": top1,
-                 "greedy_identical": bool(np.array_equal(tokens, want_tokens)),
-                 "greedy_tokens": int(want_tokens.size)}
-            )  # fmt: skip
-    return {"cases": cases, **_judge_replay(cases, tol)}
+@dataclass(frozen=True)
+class ReferenceCase:
+    """One golden case of ``reference.npz`` (numpy arrays, batch first)."""
+
+    name: str
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+    logits: np.ndarray
+    greedy: np.ndarray
 
 
-def _judge_replay(cases: list[dict[str, Any]], tol: dict[str, Any]) -> dict[str, Any]:
+def load_reference(path: str | Path) -> list[ReferenceCase]:
+    """The cases of a ``reference.npz`` (``cases`` names, then ``{case}.{field}`` arrays)."""
+    with np.load(path, allow_pickle=False) as data:
+        return [
+            ReferenceCase(str(n), *(data[f"{n}.{f}"] for f in ("input_ids", "attention_mask", "position_ids",
+                                                               "logits", "greedy")))
+            for n in data["cases"]
+        ]  # fmt: skip
+
+
+def compare_prefill(
+    logits: np.ndarray, case: ReferenceCase, tolerances: dict[str, Any]
+) -> tuple[float, float, list[str]]:
+    """Prefill logits vs a case on its real (non-padding) positions: ``(max abs diff, top-1 agreement,
+    problems)``; fp32 is held to ``|a - b| <= atol + rtol |b|``, every dtype to the top-1 agreement bound."""
+    keep = case.attention_mask.astype(bool)
+    ours, ref = logits.astype(np.float32)[keep], case.logits[keep]
+    diff = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    agreement = float(np.mean(ours.argmax(-1) == ref.argmax(-1))) if ref.size else 1.0
     problems = []
-    atol, rtol = tol.get("logits_atol"), tol.get("logits_rtol") or 0.0
-    for c in cases:
-        if atol is not None and c["max_abs_logits_diff"] > atol * (1 + rtol / max(atol, 1e-12)):
-            problems.append(f"{c['case']}: max |logits diff| {c['max_abs_logits_diff']:.3g} > {atol:g}")
-        if c["top1_agreement"] < tol.get("top1_agreement_min", 1.0):
-            problems.append(f"{c['case']}: top-1 agreement {c['top1_agreement']:.3f} < {tol['top1_agreement_min']}")
-        if tol.get("greedy_tokens") == "identical" and not c["greedy_identical"]:
-            problems.append(f"{c['case']}: greedy tokens differ from the PyTorch model's")
-    return {"passed": not problems, "problems": problems}
+    atol, rtol = tolerances.get("logits_atol"), tolerances.get("logits_rtol") or 0.0
+    if atol is not None and np.any(np.abs(ours - ref) > atol + rtol * np.abs(ref)):
+        problems.append(f"{case.name}: prefill logits differ by up to {diff:.3g} (atol {atol}, rtol {rtol})")
+    minimum = tolerances.get("top1_agreement_min")
+    if minimum is not None and agreement < minimum:
+        problems.append(f"{case.name}: top-1 agreement {agreement:.3f} < {minimum}")
+    return diff, agreement, problems
+
+
+def replay(
+    bundle: str | Path,
+    tolerances: dict[str, Any] | None = None,
+    threads: int = 2,
+    greedy: bool = True,
+    mode: str = "recommended",
+) -> dict[str, Any]:
+    """Replay ``reference.npz``: per case, max |logits diff| on real positions, top-1 agreement and (with
+    ``greedy``) whether the greedy tokens are identical. Tolerances default to the manifest's."""
+    path = Path(bundle)
+    if tolerances is None:
+        tolerances = Bundle(path).manifest["tolerances"]
+    options = Bundle(path).options(mode, threads) if (path / "manifest.json").is_file() else None
+    decoder = OrtDecoder(path, options, threads)
+    cases, problems = [], []
+    for case in load_reference(path / REFERENCE_NAME):
+        steps = case.greedy.shape[1] if greedy else 0
+        logits, tokens = decoder.greedy(case.input_ids, case.attention_mask, steps, case.position_ids)
+        diff, agreement, found = compare_prefill(logits, case, tolerances)
+        row = {"case": case.name, "max_abs_logits_diff": diff, "top1_agreement": agreement}
+        if greedy:
+            row.update(greedy_identical=bool(np.array_equal(tokens, case.greedy)), greedy_tokens=int(case.greedy.size))
+            if tolerances.get("greedy_tokens") == "identical" and not row["greedy_identical"]:
+                found.append(f"{case.name}: greedy tokens differ from the PyTorch model's")
+        cases.append(row)
+        problems.extend(found)
+    return {"cases": cases, "passed": not problems, "problems": problems}
 
 
 # -------------------------------------------------------------------------------------------------- memory
@@ -229,7 +308,7 @@ def mapped_residency(data_file: Path) -> dict[str, Any]:
 
 
 def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: int = 128, decode: int = 32) -> dict:
-    """Memory and speed of one session in *this* process (call it in a fresh process: see ``main``)."""
+    """Memory and speed of one session in *this* process (call it in a fresh process: see ``run_fresh``)."""
     result: dict[str, Any] = {"mode": mode, "threads": threads, "prefill_tokens": prefill, "decode_steps": decode,
                               "platform": platform.platform(), "onnxruntime": _ort_version()}  # fmt: skip
     if not proc_available():
@@ -238,25 +317,24 @@ def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: 
     result["peak_reset"] = reset_peak() if proc_available() else False
     result["baseline"] = sample()
     start = time.perf_counter()
-    session = make_session(bundle, mode, threads)
+    decoder = OrtDecoder(bundle.model, bundle.options(mode, threads))
     result["load_s"] = time.perf_counter() - start
     result["after_load"] = sample()
-    vocab = int(bundle.manifest.get("source", {}).get("vocab_size") or _vocab_from_io(bundle))
-    ids = np.random.default_rng(0).integers(3, vocab, size=(1, prefill), dtype=np.int64)
+    ids = np.random.default_rng(0).integers(3, _vocab_from_io(bundle), size=(1, prefill), dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(prefill, dtype=np.int64)[None]
     start = time.perf_counter()
-    logits, past = step(session, bundle, ids, mask, pos, empty_past(bundle, 1))
+    logits, present = decoder.run(ids, mask, pos)
     result["prefill_ms"] = (time.perf_counter() - start) * 1000
     result["logits_bytes"] = int(logits.nbytes)  # the largest activation a prefill returns
     result["after_prefill"] = sample()
     times = []
     for _ in range(decode):
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
         pos = pos[:, -1:] + 1
         start = time.perf_counter()
-        logits, past = step(session, bundle, nxt, mask, pos, past)
+        logits, present = decoder.run(token, mask, pos, decoder.as_past(present))
         times.append(time.perf_counter() - start)
     result["decode_ms_per_token"] = float(np.median(times) * 1000) if times else None
     result["after_decode"] = sample()
@@ -275,16 +353,16 @@ def _ort_version() -> str:
     return ort.__version__
 
 
-def run_fresh(bundle_path: str | Path, job: str, **kwargs: Any) -> dict[str, Any]:
-    """Run ``job`` ("probe" or "replay") of this file in a fresh Python process and return its JSON."""
+def run_fresh(bundle: str | Path, job: str, *args: str) -> dict[str, Any]:
+    """Run ``job`` ("probe" or "replay") of this file in a fresh Python process (extra CLI ``args``) and return
+    its JSON: memory figures must not include anything this process already holds."""
     import subprocess
 
-    args = [sys.executable, str(Path(__file__).resolve()), job, "--bundle", str(bundle_path)]
-    for key, value in kwargs.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    command = [sys.executable, str(Path(__file__).resolve()), job, "--bundle", str(bundle), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{job} failed in a fresh process: {proc.stderr.strip()[-2000:]}")
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"{job} failed in a fresh process: {lines[-1]}")
     return json.loads(proc.stdout)
 
 
@@ -294,18 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--mode", default="recommended", choices=["recommended", "default"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=128, help="probe: prompt tokens")
+    parser.add_argument("--decode", type=int, default=32, help="probe: decode steps")
+    parser.add_argument("--no-greedy", action="store_true", help="replay: compare prefill logits only")
+    parser.add_argument("--tolerances", default=None, help="replay: JSON tolerances (default: the manifest's)")
     args = parser.parse_args(argv)
-    bundle = Bundle(args.bundle)
     if args.job == "probe":
-        out = probe(bundle, args.mode, args.threads, args.prefill, args.decode)
+        out = probe(Bundle(args.bundle), args.mode, args.threads, args.prefill, args.decode)
     else:
-        out = replay(bundle, args.threads, args.mode)
+        tolerances = None if args.tolerances is None else json.loads(args.tolerances)
+        out = replay(args.bundle, tolerances, args.threads, greedy=not args.no_greedy, mode=args.mode)
     json.dump(out, sys.stdout)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())

@@ -6,9 +6,8 @@ process inflates the figures; bounds apply to the increase over the baseline tak
 
 from __future__ import annotations
 
-import pytest
-
 import flexi_device
+import pytest
 
 MiB = flexi_device.MiB
 #: Heap that onnxruntime itself needs besides KV cache and activations (allocator arenas, kernels, graph).
@@ -19,7 +18,7 @@ ALLOWANCE = 48 * MiB
 def probe(bundle, threads):
     if not flexi_device.proc_available():
         pytest.skip("memory checks read Linux /proc (VmHWM, RssAnon, smaps); not available on this system")
-    return flexi_device.run_fresh(bundle.path, "probe", threads=threads)
+    return flexi_device.run_fresh(bundle.path, "probe", "--threads", str(threads))
 
 
 def _weights(bundle) -> tuple[int, int]:

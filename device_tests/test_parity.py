@@ -6,7 +6,7 @@ import flexi_device
 
 
 def test_reference_replay(bundle, threads, summary):
-    result = flexi_device.replay(bundle, threads=threads)
+    result = flexi_device.replay(bundle.path, threads=threads)
     for case in result["cases"]:
         summary.append(
             (f"parity {case['case']}", f"max |logits diff| {case['max_abs_logits_diff']:.2e}, top-1 "

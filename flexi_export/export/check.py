@@ -3,8 +3,9 @@
 1. ``onnx.checker`` (full check, by path so the external data is validated) and strict shape inference;
 2. onnxruntime replays the reference prompts: prefill logits within the dtype's tolerance of the torch model
    (fp32), top-1 agreement above the bound (every dtype). This runs in a child process
-   (:mod:`flexi_export.verify.replay`): onnxruntime maps and touches every weight page, and in the exporter's
-   own process those pages would add a second weight-sized amount to its peak next to the torch model.
+   (``device_tests/flexi_device.py``, the same code the device tests run): onnxruntime maps and touches every
+   weight page, and in the exporter's own process those pages would add a second weight-sized amount to its
+   peak next to the torch model.
 
 A failure raises one :class:`~flexi_export.errors.ExportError` naming every problem; the caller's atomic
 output folder then leaves nothing behind.
@@ -13,16 +14,13 @@ output folder then leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-import flexi_export
 from flexi_export.errors import ExportError
+from flexi_export.verify.runtime import run_fresh
 
 
 def check_onnx(model_path: Path) -> None:
@@ -37,18 +35,13 @@ def check_onnx(model_path: Path) -> None:
 
 
 def check_reference(bundle_dir: Path, tolerances: dict[str, Any]) -> dict[str, Any]:
-    """Replay ``reference.npz`` with onnxruntime in a child process; raise :class:`ExportError` beyond tolerance.
-
-    Returns the measured figures (max abs logits diff and top-1 agreement per case).
-    """
-    package_root = str(Path(flexi_export.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "flexi_export.verify.replay", str(bundle_dir), json.dumps(tolerances)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["(no output)"]
-        raise ExportError(f"onnxruntime could not run the exported graph: {lines[-1]}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    """Replay ``reference.npz`` (prefill logits) with onnxruntime in a fresh process; raise :class:`ExportError`
+    beyond tolerance. Returns the measured figures per case (max abs logits diff and top-1 agreement)."""
+    try:
+        args = ("--no-greedy", "--threads", "1", "--tolerances", json.dumps(tolerances))
+        report = run_fresh(bundle_dir, "replay", *args)
+    except RuntimeError as exc:
+        raise ExportError(f"onnxruntime could not run the exported graph: {exc}") from None
     if report["problems"]:
         raise ExportError("the exported graph does not reproduce the torch model: " + "; ".join(report["problems"]))
-    return report["figures"]
+    return {c.pop("case"): c for c in report["cases"]}

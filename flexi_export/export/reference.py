@@ -6,7 +6,7 @@ lengths, left-padded into one batch). For each case the file holds ``{case}.inpu
 ``{case}.greedy`` (int64 ``[B, 16]``: greedy tokens from the torch model with its KV cache, never stopping at
 EOS), plus ``cases`` (the case names) and the tolerances as ``tol.<name>`` scalars. Anything that reads a
 bundle (``device_tests/``, ``flexi-export verify``) can replay it with onnxruntime and numpy alone
-(:mod:`flexi_export.verify.replay` reads it without torch).
+(``device_tests/flexi_device.py`` reads it without torch).
 
 Position ids follow transformers' ``generate``: ``cumsum(attention_mask) - 1``, padding positions set to 1.
 """
@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from flexi_export.verify.ort_runner import position_ids_from_mask
-from flexi_export.verify.replay import REFERENCE_NAME, ReferenceCase, load_reference
+from flexi_export.verify.runtime import REFERENCE_NAME, ReferenceCase, load_reference, position_ids_from_mask
 
 GREEDY_TOKENS = 16
 MAX_PROMPT_TOKENS = 16

@@ -249,7 +249,7 @@ def check_ort_optimized(model_path: Path, weights: set[str] | None = None) -> Ch
     """
     import onnxruntime as ort
 
-    from flexi_export.verify.ort_runner import session_options
+    from flexi_export.verify.runtime import session_options
 
     result = CheckResult("onnxruntime keeps the weights")
     original = onnx.load(str(model_path), load_external_data=False)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from flexi_export.verify.ort_runner import OrtDecoder, position_ids_from_mask
+from flexi_export.verify.runtime import OrtDecoder, position_ids_from_mask
 
 ATOL = RTOL = 1e-4
 

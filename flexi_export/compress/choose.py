@@ -68,23 +68,22 @@ def distance_matrix(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[int, dict[int, float]]:
-    """``d(i, j)`` for every pruned ``i`` and kept ``j`` (SVDs run on ``device``, the model's by default)."""
+    """``d(i, j)`` for every pruned ``i`` and kept ``j`` (SVDs run on ``device``, the model's by default).
+
+    Only two blocks' matrices are on ``device`` at a time, so a model kept in host memory never has to fit it.
+    """
     out: dict[int, dict[int, float]] = {}
-    cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def matrices(block: int) -> dict[str, torch.Tensor]:
-        if block not in cache:
-            cache[block] = {
-                k: v.to(device) if device is not None else v for k, v in block_matrices(model, block).items()
-            }
-        return cache[block]
+        return {k: v.to(device) if device is not None else v for k, v in block_matrices(model, block).items()}
 
     bar = tqdm(total=len(pruned) * len(kept), desc="replacement distances", disable=not progress, leave=False)
     with bar, torch.no_grad():
         for i in pruned:
+            w_i = matrices(i)
             out[i] = {}
             for j in kept:
-                out[i][j] = svd_residual_distance(matrices(i), matrices(j), rank, targets)
+                out[i][j] = svd_residual_distance(w_i, matrices(j), rank, targets)
                 bar.update(1)
     return out
 

@@ -207,7 +207,7 @@ def _compress(options: CompressOptions, device: torch.device, log: Callable[[str
     started = time.perf_counter()
     info = D.dist_info()
     resuming = _prepare_folders(options)
-    source = load_source(options.model, device=device)
+    source = load_source(options.model, device=_home(options, device))
     dims = source.layout.dims(source.model.config)
     _check(options, source, dims)
     data = _data(options, source, log)
@@ -229,11 +229,12 @@ def _compress(options: CompressOptions, device: torch.device, log: Callable[[str
         resume=options.resume,
         progress=options.progress,
         extra=extra,
+        device=device,
     )
     timings["recovery"] = result.seconds
     if D.choose_strategy(options.recovery.strategy) == "fsdp" and info.distributed:
         # fully_shard changed the modules in place: rebuild a plain model from the trained tensors
-        source = load_source(options.model, device=device)
+        source = load_source(options.model, device=_home(options, device))
         student = build_flexi(source.model, plan, init=result.params, seed=options.recovery.seed)
     report: dict[str, Any] = {}
     if info.is_main:
@@ -260,6 +261,13 @@ def _data(options: CompressOptions, source: SourceModel, log: Callable[[str], No
         f"{data.heldout.shape[0]} held-out sequences of {options.seq_len} tokens"
     )
     return data
+
+
+def _home(options: CompressOptions, device: torch.device) -> torch.device:
+    """Where the whole model lives: the compute device, except under multi-process FSDP, where it stays in host
+    memory and only each process's shards move to its GPU (the model need not fit one GPU)."""
+    fsdp = D.choose_strategy(options.recovery.strategy) == "fsdp" and D.dist_info().distributed
+    return torch.device("cpu") if fsdp else device
 
 
 def _plan_and_init(

@@ -172,12 +172,14 @@ def recover(
     progress: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     extra: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> RecoveryResult:
     """Train ``trainable`` (default :func:`flexi_trainable`) parameters of ``student`` toward ``teacher``.
 
     ``train_ids`` is ``[N, seq_len]`` on the CPU. With ``checkpoint_dir`` the state is saved every
     ``config.checkpoint_every`` steps; ``resume=True`` continues from the checkpoint there, if any. ``extra``
-    (JSON-ready) is stored in every checkpoint for the caller.
+    (JSON-ready) is stored in every checkpoint for the caller. ``device`` is where the batches are computed
+    (default: the student's); with FSDP the models may sit on the CPU and only their shards move there.
     """
     info = D.dist_info()
     seq_len = int(train_ids.shape[1])
@@ -188,7 +190,7 @@ def recover(
         return RecoveryResult(0, 0, 0.0, [], 0, _whole(dict(student.named_parameters()), names))
     if not names:
         raise CompressError("nothing to train: the model has no adapters, norms or OFN of its own")
-    device = next(student.parameters()).device
+    device = device or next(student.parameters()).device
     pairs = matched_blocks(get_plan(student)) if config.loss.hidden_mse and get_plan(student) else []
     distiller = Distiller(student, teacher, pairs)
     distiller.with_hidden = bool(config.loss.hidden_mse)

@@ -62,6 +62,7 @@ class Context:
     scores: list
     dense: dict
     args: argparse.Namespace
+    path: Path
 
 
 def _eval(model, ctx) -> dict:
@@ -152,7 +153,7 @@ def setup(args) -> Context:
     rows = -(-args.tokens // args.seq_len)
     data = prepare_tokens(load_corpus(None), source.tokenizer, args.seq_len, args.calib, rows, args.eval, seed=0)
     scores = block_influence(source.model, data.calibration, progress=False)
-    ctx = Context(source, dims, data, scores, {}, args)
+    ctx = Context(source, dims, data, scores, {}, args, path)
     ctx.dense = _eval(source.model, ctx)
     print(f"reference model {path.name}: dense held-out perplexity {ctx.dense['perplexity']:.3f}", flush=True)
     print("block influence: " + ", ".join(f"{s:.4f}" for s in scores), flush=True)
@@ -182,7 +183,7 @@ def verdicts(rows: list[dict], dense: float, ratios: list[float]) -> list[str]:
 
 
 def markdown(rows: list[dict], ctx: Context, seconds: float, command: str) -> str:
-    a = ctx.args
+    a, d = ctx.args, ctx.dims
     dense = ctx.dense["perplexity"]
     lines = [
         HEADING,
@@ -191,7 +192,9 @@ def markdown(rows: list[dict], ctx: Context, seconds: float, command: str) -> st
         f"{os.cpu_count()} CPU cores (shared), no GPU, torch {torch.__version__}, {a.threads} thread(s); "
         f"1 run per row (fixed seeds, deterministic on CPU); whole script {seconds / 60:.1f} min.",
         "",
-        f"Reference model: `ensure_reference_model('default')` (8 blocks, hidden 256, vocab 4096, 7.3M parameters). "
+        f"Reference model: `ensure_reference_model('default')` (`{ctx.path.name}`: {d.num_blocks} blocks, hidden "
+        f"{d.hidden_size}, intermediate {d.intermediate_size}, vocab {d.vocab_size}, "
+        f"{dense_parameters(d) / 1e6:.1f}M parameters). Block Influence: {', '.join(f'{x:.4f}' for x in ctx.scores)}. "
         f"Every row uses the same {a.calib} calibration sequences and the same training text (reference corpus, "
         f"training split), sequences of {a.seq_len} tokens, and the same recovery budget of {a.tokens:,} tokens "
         f"(batch 8, AdamW lr {a.lr}, 5% warm-up, cosine, KL to the dense teacher at T=1). Held-out perplexity on "
@@ -214,6 +217,8 @@ def markdown(rows: list[dict], ctx: Context, seconds: float, command: str) -> st
             f"{r['perplexity']:.3f} | {r['mean_loss']:.4f} | {'-' if gap is None else f'{gap:.0%}'} | {rec} |"
         )
     lines += ["", "Targets:", *verdicts(rows, dense, a.ratios), ""]
+    if not torch.cuda.is_available():
+        lines += ["No GPU on this machine: the GPU-versus-CPU compression timings are not part of this run.", ""]
     return "\n".join(lines)
 
 

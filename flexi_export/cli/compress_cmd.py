@@ -117,9 +117,10 @@ def compress_command(**kw: Any) -> None:
     if nproc == 1:
         report = compress(options)
     else:
+        from flexi_export.compress.device import resolve_device
         from flexi_export.compress.distributed import spawn
 
-        spawn(compress, nproc, (options,))
+        spawn(compress, nproc, (options,), device_type=resolve_device(options.device).type)
         report = json.loads((Path(options.out) / JSON_NAME).read_text())
     if report:  # empty on the other ranks of a torchrun launch: only rank 0 reports
         _summary(options.out, report)

@@ -97,8 +97,9 @@ def _check(options: CompressOptions, source: SourceModel, dims: ModelDims) -> No
         raise InputError(f"{options.model} is a Flexi checkpoint; compress needs the original Hugging Face model")
     if not options.pruning and not options.extend:
         raise CompressError("nothing to do: give --ratio or --num-blocks to prune, and/or --extend to insert blocks")
-    if options.calib_sequences < 1:
-        raise CompressError(f"--calib-sequences must be at least 1, got {options.calib_sequences}")
+    for name, value in (("--calib-sequences", options.calib_sequences), ("--eval-sequences", options.eval_sequences)):
+        if value < 1:
+            raise CompressError(f"{name} must be at least 1, got {value}")
     if options.pruning:
         options.plan.check(dims)
         # reachability does not depend on the scores: fail before the data and Block Influence passes

@@ -47,3 +47,11 @@ class CompressError(FlexiError):
 
 class ExportError(FlexiError):
     """An export cannot be done as asked (bad option, model the exporter cannot express, failed self-check)."""
+
+
+class BundleError(FlexiError):
+    """An exported bundle is incomplete, or its files do not match its manifest."""
+
+
+class VerificationError(FlexiError):
+    """Verification could not run (not: a check failed; failed checks are reported, not raised)."""

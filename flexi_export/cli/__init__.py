@@ -1,6 +1,15 @@
 """Command-line interface: ``flexi-export``. Each command module registers itself on :data:`main`."""
 
-from flexi_export.cli import compress_cmd, evaluate_cmd, export_cmd, info, plan_cmd, reference_cmd  # noqa: F401  (registers the commands)
+# importing a command module registers its command on `main`
+from flexi_export.cli import (  # noqa: F401
+    compress_cmd,
+    evaluate_cmd,
+    export_cmd,
+    info,
+    plan_cmd,
+    reference_cmd,
+    verify_cmd,
+)
 from flexi_export.cli.app import main
 
 __all__ = ["main"]

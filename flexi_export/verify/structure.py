@@ -41,16 +41,24 @@ DATA_FILE = "model.onnx_data"
 
 @dataclass
 class CheckResult:
-    """The outcome of one check."""
+    """The outcome of one check: its problems (each naming the measured value and the bound), the figures it
+    measured, what to try when it fails, or why it was skipped."""
 
     name: str
     problems: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    hint: str = ""
+    skipped: str = ""
 
     @property
     def passed(self) -> bool:
-        """True when the check found no problem."""
+        """True when the check found no problem (a skipped check passes; reports say it was skipped)."""
         return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"name": self.name, "passed": self.passed, "problems": self.problems, "figures": self.figures,
+                "hint": self.hint, "skipped": self.skipped}  # fmt: skip
 
 
 def external_weights(proto: ModelProto) -> dict[str, TensorProto]:

@@ -107,7 +107,9 @@ def flexi_row(ctx, ratio, name, train=True, init=DEFAULTS["init"], ofn=DEFAULTS[
     student = build_flexi(model, result.plan, init=values)
     trained = None
     if train:
-        trained = recover(student, teacher_view(model, student), ctx.data.train, _recovery(ctx), progress=True)
+        trained = recover(
+            student, teacher_view(model, student), ctx.data.train, _recovery(ctx), progress=ctx.args.jobs <= 1
+        )
     return _row(name, ratio, student, ctx, trained, pruned=list(result.pruned), sources=result.sources)
 
 
@@ -121,31 +123,50 @@ def shortgpt_rows(ctx, ratio) -> list[dict]:
     for lr in [ctx.args.lr, *ctx.args.baseline_lrs]:
         baseline = build_flexi(model, short.plan)
         split, names = add_lora(baseline, budget, PlanOptions().targets)
-        trained = recover(baseline, model, ctx.data.train, _recovery(ctx, lr), trainable=names, progress=True)
+        trained = recover(
+            baseline, model, ctx.data.train, _recovery(ctx, lr), trainable=names, progress=ctx.args.jobs <= 1
+        )
         ranks = sorted(set(split.ranks.values()))
         name = FAIR if lr == ctx.args.lr else f"{FAIR}, lr {lr:g}"
         rows.append(_row(name, ratio, baseline, ctx, trained, lora_ranks=ranks, lr=lr))
     return rows
 
 
-def run(ctx) -> list[dict]:
-    dense = {"achieved_ratio": 0.0, "stored_parameters": dense_parameters(ctx.dims), "recovery_tokens": 0}
-    rows = [{"row": "dense", "target": 0.0, **dense, **ctx.dense}]
-    other_ofn = [v for v in ("none", "rms", "layernorm") if v != DEFAULTS["ofn"]]
-    for ratio in ctx.args.ratios:
-        print(f"ratio {ratio}", flush=True)
-        rows += shortgpt_rows(ctx, ratio)
-        rows.append(flexi_row(ctx, ratio, "Flexi, no recovery", train=False))
-        rows.append(flexi_row(ctx, ratio, "Flexi recovered"))
-        if ctx.args.ablations:
-            rows.append(flexi_row(ctx, ratio, "ablation: zero-init B (LoRA init)", init="zero"))
-            for variant in other_ofn:
-                rows.append(flexi_row(ctx, ratio, f"ablation: OFN {variant}", ofn=variant))
-            rows.append(flexi_row(ctx, ratio, "ablation: previous-kept-block choice", choice="previous"))
+def ratio_rows(ctx, ratio: float) -> list[dict]:
+    """Every row of one target ratio."""
+    print(f"ratio {ratio}", flush=True)
+    rows = shortgpt_rows(ctx, ratio)
+    rows.append(flexi_row(ctx, ratio, "Flexi, no recovery", train=False))
+    rows.append(flexi_row(ctx, ratio, "Flexi recovered"))
+    if ctx.args.ablations:
+        rows.append(flexi_row(ctx, ratio, "ablation: zero-init B (LoRA init)", init="zero"))
+        for variant in (v for v in ("none", "rms", "layernorm") if v != DEFAULTS["ofn"]):
+            rows.append(flexi_row(ctx, ratio, f"ablation: OFN {variant}", ofn=variant))
+        rows.append(flexi_row(ctx, ratio, "ablation: previous-kept-block choice", choice="previous"))
     return rows
 
 
-def setup(args) -> Context:
+def _ratio_worker(args: argparse.Namespace, ratio: float) -> list[dict]:
+    """One ratio in a fresh process (``--jobs``): the same setup, so the same data, scores and seeds."""
+    torch.set_num_threads(args.threads)
+    return ratio_rows(setup(args, quiet=True), ratio)
+
+
+def run(ctx) -> list[dict]:
+    dense = {"achieved_ratio": 0.0, "stored_parameters": dense_parameters(ctx.dims), "recovery_tokens": 0}
+    rows = [{"row": "dense", "target": 0.0, **dense, **ctx.dense}]
+    if ctx.args.jobs <= 1:
+        return rows + [r for ratio in ctx.args.ratios for r in ratio_rows(ctx, ratio)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=ctx.args.jobs, mp_context=spawn) as pool:
+        futures = [pool.submit(_ratio_worker, ctx.args, ratio) for ratio in ctx.args.ratios]
+        return rows + [r for f in futures for r in f.result()]
+
+
+def setup(args, quiet: bool = False) -> Context:
     torch.manual_seed(0)
     path = ensure_reference_model("default")
     source = load_source(path)
@@ -155,8 +176,9 @@ def setup(args) -> Context:
     scores = block_influence(source.model, data.calibration, progress=False)
     ctx = Context(source, dims, data, scores, {}, args, path)
     ctx.dense = _eval(source.model, ctx)
-    print(f"reference model {path.name}: dense held-out perplexity {ctx.dense['perplexity']:.3f}", flush=True)
-    print("block influence: " + ", ".join(f"{s:.4f}" for s in scores), flush=True)
+    if not quiet:
+        print(f"reference model {path.name}: dense held-out perplexity {ctx.dense['perplexity']:.3f}", flush=True)
+        print("block influence: " + ", ".join(f"{s:.4f}" for s in scores), flush=True)
     return ctx
 
 
@@ -189,7 +211,8 @@ def markdown(rows: list[dict], ctx: Context, seconds: float, command: str) -> st
         HEADING,
         "",
         f"Command: `{command}`. Date {datetime.date.today().isoformat()}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores (shared), no GPU, torch {torch.__version__}, {a.threads} thread(s); "
+        f"{os.cpu_count()} CPU cores (shared), no GPU, torch {torch.__version__}, {a.jobs} process(es) of "
+        f"{a.threads} thread(s); "
         f"1 run per row (fixed seeds, deterministic on CPU); whole script {seconds / 60:.1f} min.",
         "",
         f"Reference model: `ensure_reference_model('default')` (`{ctx.path.name}`: {d.num_blocks} blocks, hidden "
@@ -236,11 +259,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ratios", default="0.3,0.4")
     p.add_argument("--rank", type=int, default=DEFAULTS["rank"])
     p.add_argument("--lr", type=float, default=RecoveryConfig().lr)
-    p.add_argument("--baseline-lrs", default="5e-4,5e-3", help="extra learning rates for the fair baseline ('' none)")
+    p.add_argument("--baseline-lrs", default="5e-3", help="extra learning rates for the fair baseline ('' none)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib", type=int, default=32, help="calibration sequences")
     p.add_argument("--eval", type=int, default=64, help="held-out sequences")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--jobs", type=int, default=2, help="ratios run in parallel processes (each --threads threads)")
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and bench_results/compress.json")
     args = p.parse_args()

@@ -62,7 +62,7 @@ def output_feature_norm(g: GraphBuilder, h: str, ofn: OfnSpec, name: str, role: 
 
 
 #   x ─► MatMul W[in,out] ─► [Add bias] ──────────────────────────► Add ─► [OFN] ─► y
-#   └──► MatMul lora_A[in,r] ─► MatMul lora_B[r,out] ─► Mul scaling ──┘
+#   └──► MatMul lora_A[in,r] ─► MatMul lora_B[r,out] ─► [Mul scaling] ┘   (no Mul when scaling is exactly 1)
 def linear(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> str:
     """``x @ W (+ b) + scaling * (x @ A) @ B``, then the OFN when the block has one on this output."""
     w = g.registry.use(spec.weight, f"{spec.role}.weight", TRANSPOSED, f"{name}/MatMul", block)
@@ -75,8 +75,10 @@ def linear(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> 
         b = g.registry.use(spec.lora_b, f"{spec.role}.lora_B", TRANSPOSED, f"{name}/lora_B/MatMul", block)
         low = g.op("MatMul", [x, a], f"{name}/lora_A/MatMul")
         delta = g.op("MatMul", [low, b], f"{name}/lora_B/MatMul")
-        # scaling is a separate constant so the stored lora_B equals the trained tensor exactly
-        delta = g.op("Mul", [delta, g.fconst(spec.scaling)], f"{name}/lora/Mul")
+        # scaling is a separate constant so the stored lora_B equals the trained tensor exactly; x * 1.0 is exact,
+        # so alpha = rank needs no node (each node costs onnxruntime ~5 KiB of heap and a kernel launch)
+        if spec.scaling != 1.0:
+            delta = g.op("Mul", [delta, g.fconst(spec.scaling)], f"{name}/lora/Mul")
         y = g.op("Add", [y, delta], f"{name}/lora/Add")
     if spec.ofn is not None:
         y = output_feature_norm(g, y, spec.ofn, f"{name}/ofn", f"{spec.role}.ofn", block)

@@ -12,14 +12,15 @@ def _cells(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> tuple[li
     return head, body, widths
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A fixed-width table; numeric-looking cells are right-aligned."""
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_numbers: bool = True) -> str:
+    """A fixed-width table; numeric-looking cells are right-aligned unless ``align_numbers`` is False."""
     head, body, widths = _cells(headers, rows)
 
     def line(cells: list[str]) -> str:
         out = []
         for cell, width in zip(cells, widths, strict=True):
-            numeric = cell.replace(",", "").replace(".", "", 1).replace("-", "", 1).replace("%", "").isdigit()
+            plain = cell.replace(",", "").replace(".", "", 1).replace("-", "", 1).replace("%", "")
+            numeric = align_numbers and plain.isdigit()
             out.append(cell.rjust(width) if numeric else cell.ljust(width))
         return "  ".join(out).rstrip()
 

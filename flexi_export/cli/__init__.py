@@ -3,6 +3,7 @@
 # importing a command module registers its command on `main`
 from flexi_export.cli import (  # noqa: F401
     compress_cmd,
+    demo_cmd,
     evaluate_cmd,
     export_cmd,
     info,

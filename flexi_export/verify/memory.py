@@ -114,17 +114,26 @@ def check_residency(manifest: dict[str, Any], probed: dict[str, Any]) -> CheckRe
 def check_sharing_ratio(
     manifest: dict[str, Any], probed: dict[str, Any], dense_manifest: dict[str, Any], dense_probed: dict[str, Any]
 ) -> CheckResult:
-    """Flexi/dense resident weight bytes within 5% of Flexi/dense unique weight bytes."""
-    result = CheckResult("memory: sharing is real in RAM (Flexi / dense)", hint="verify the dense bundle alone")
+    """Flexi/dense resident weight bytes within 5% of Flexi/dense unique weight bytes.
+
+    Residency is page-granular (a 1 KiB norm occupies a 4 KiB page), so the unique bytes compared are the
+    page-rounded sizes of the weights' mappings; on real models the two ratios are the same to 0.1%.
+    """
+    result = CheckResult(
+        "memory: sharing is real in RAM (Flexi / dense)",
+        hint="a weight is resident twice or not at all in one of the bundles: see 'weights resident once' for each",
+    )
     if probed.get("skipped") or dense_probed.get("skipped"):
         result.skipped = probed.get("skipped") or dense_probed["skipped"]
         return result
-    unique = weight_bytes(manifest)["unique"] / weight_bytes(dense_manifest)["unique"]
-    resident = probed["after_decode"]["weights"]["pss"] / max(1, dense_probed["after_decode"]["weights"]["pss"])
-    result.figures = {"unique_ratio": unique, "resident_ratio": resident}
+    flexi, dense = probed["after_decode"]["weights"], dense_probed["after_decode"]["weights"]
+    unique = flexi["mapped"] / max(1, dense["mapped"])
+    resident = flexi["pss"] / max(1, dense["pss"])
+    exact = weight_bytes(manifest)["unique"] / weight_bytes(dense_manifest)["unique"]
+    result.figures = {"unique_ratio": unique, "resident_ratio": resident, "unique_bytes_ratio": exact}
     if abs(resident / unique - 1) > 0.05:
         result.problems.append(
-            f"resident weight ratio {resident:.3f} is not within 5% of the unique-bytes ratio {unique:.3f}"
+            f"resident weight ratio {resident:.3f} is not within 5% of the page-rounded unique-bytes ratio {unique:.3f}"
         )
     return result
 

@@ -8,6 +8,8 @@ given) and are removed after a successful run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from flexi_export.compress.recover import RecoveryConfig, RecoveryResult, flexi_
 from flexi_export.compress.report import build_report, write_report
 from flexi_export.compress.svd import EXACT_SVD_MAX_DIM
 from flexi_export.compress.train_state import has_checkpoint, read_params, read_state, remove_checkpoint
-from flexi_export.errors import CompressError, InputError
+from flexi_export.errors import CheckpointError, CompressError, InputError
 from flexi_export.files import atomic_output_dir, check_output_dir
 from flexi_export.layouts import ModelDims
 from flexi_export.model import build_flexi
@@ -217,7 +219,7 @@ def _compress(options: CompressOptions, device: torch.device, log: Callable[[str
     teacher = teacher_view(source.model, student)
     if not resuming and options.evaluate and info.is_main:
         evaluations.update(_evaluate_before(source, student, data, options.progress, log))
-    extra = {"plan": plan.to_json(), "timings": timings, "evaluation": evaluations}
+    extra = {"plan": plan.to_json(), "timings": timings, "evaluation": evaluations, "options": _decisions(options)}
     if not flexi_trainable(student):  # a ShortGPT removal plan has nothing of its own to train
         log("no replacement or inserted blocks: nothing to recover")
         options = replace(options, recovery=replace(options.recovery, tokens=0))
@@ -285,9 +287,40 @@ def _plan_and_init(
         return plan, timings, init, {}
     ckpt = options.checkpoint_folder()
     state = read_state(ckpt)
+    if state.extra.get("options") != _decisions(options):
+        raise CheckpointError(
+            f"the recovery checkpoint in {ckpt} was made with other compression options "
+            f"({_differences(state.extra.get('options') or {}, _decisions(options))}); run the same command, or "
+            "--overwrite to start over"
+        )
     plan = BlockPlan.from_json(state.extra["plan"]).validate()
     log(f"resuming recovery from step {state.step} in {ckpt}")
     return plan, dict(state.extra["timings"]), read_params(ckpt), dict(state.extra["evaluation"])
+
+
+def _decisions(options: CompressOptions) -> dict[str, Any]:
+    """The options that decide the plan and the initial tensors (a resume must use the same ones)."""
+    return json.loads(
+        json.dumps(
+            {
+                "model": options.model,
+                "plan": dataclasses.asdict(options.plan),
+                "adapter_init": options.adapter_init,
+                "ofn_init": options.ofn_init,
+                "extend": list(options.extend),
+                "data": options.data,
+                "text_field": options.text_field,
+                "calib_sequences": options.calib_sequences,
+                "seq_len": options.seq_len,
+                "eval_sequences": options.eval_sequences,
+            }
+        )
+    )
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
 
 
 def _evaluate_before(

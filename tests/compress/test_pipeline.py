@@ -18,7 +18,7 @@ from flexi_export.compress.pipeline import CompressOptions, compress
 from flexi_export.compress.planner import PlanOptions
 from flexi_export.compress.recover import RecoveryConfig
 from flexi_export.compress.train_state import has_checkpoint
-from flexi_export.errors import CompressError
+from flexi_export.errors import CheckpointError, CompressError
 
 
 def _options(model_dir, text_dir, out, **kw) -> CompressOptions:
@@ -60,6 +60,10 @@ def test_resumed_compress_equals_an_uninterrupted_one(model_dir, text_dir, tmp_p
     assert has_checkpoint(options.checkpoint_folder()) and not (tmp_path / "resumed").exists()
     with pytest.raises(CompressError, match="pass --resume"):
         compress(options)
+    other = _options(model_dir, text_dir, tmp_path / "resumed", resume=True)
+    other = CompressOptions(**{**other.__dict__, "plan": PlanOptions(num_blocks=3, rank=4, ofn="rms")})
+    with pytest.raises(CheckpointError, match=r"other compression options \(plan: "):
+        compress(other)
     monkeypatch.setattr(pipeline, "recover", original_recover)
     resumed = compress(CompressOptions(**{**options.__dict__, "resume": True}))
     assert resumed["recovery"]["resumed_from_step"] == 4

@@ -127,8 +127,9 @@ def compress_command(**kw: Any) -> None:
 
 
 def _options(kw: dict[str, Any]) -> CompressOptions:
+    from flexi_export.compress.distill import default_loss
     from flexi_export.compress.extend import parse_blocks
-    from flexi_export.compress.pipeline import CompressOptions, default_loss
+    from flexi_export.compress.pipeline import CompressOptions
     from flexi_export.compress.planner import PlanOptions
     from flexi_export.compress.recover import RecoveryConfig
 

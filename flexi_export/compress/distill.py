@@ -183,3 +183,15 @@ def distillation_loss(
         raise ValueError("every loss weight is zero: nothing to train")
     total = sum(factor[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def default_loss(
+    pruning: bool, kl: float | None, ce: float | None, temperature: float, hidden_mse: float
+) -> LossWeights:
+    """Loss weights with the defaults filled in: distillation (KL 1, CE 0) when pruning; CE 1 (continued
+    pretraining) for an extension-only run, whose dense teacher it already equals at step 0."""
+    if kl is None:
+        kl = 1.0 if pruning else 0.0
+    if ce is None:
+        ce = 0.0 if pruning else 1.0
+    return LossWeights(kl=kl, temperature=temperature, hidden_mse=hidden_mse, ce=ce)

@@ -168,3 +168,23 @@ def like_shard(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
             value.to(reference.device_mesh.device_type), reference.device_mesh, reference.placements
         )
     return value.to(device=reference.device, dtype=reference.dtype)
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's init tensors on every process (names and shapes as JSON-like lists, values by broadcast)."""
+    info = dist_info()
+    if not info.distributed:
+        return tensors or {}
+    spec = broadcast_object(
+        [(k, list(v.shape), str(v.dtype)) for k, v in (tensors or {}).items()] if info.is_main else None
+    )
+    out = {}
+    for name, shape, dtype in spec:
+        value = (
+            tensors[name].to(device)
+            if info.is_main and tensors
+            else torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]), device=device)
+        )
+        dist.broadcast(value, src=0)
+        out[name] = value
+    return out

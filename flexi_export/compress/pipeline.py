@@ -23,7 +23,7 @@ from flexi_export.compress import distributed as D
 from flexi_export.compress.choose import distance_matrix
 from flexi_export.compress.data import TokenData, load_corpus, prepare_tokens
 from flexi_export.compress.device import resolve_device
-from flexi_export.compress.distill import LossWeights, teacher_view
+from flexi_export.compress.distill import teacher_view
 from flexi_export.compress.evaluate import evaluate_model
 from flexi_export.compress.extend import extend_plan
 from flexi_export.compress.influence import block_influence
@@ -76,18 +76,6 @@ class CompressOptions:
         """Where recovery checkpoints go."""
         out = Path(self.out)
         return Path(self.checkpoint_dir) if self.checkpoint_dir else out.with_name(out.name + ".ckpt")
-
-
-def default_loss(
-    pruning: bool, kl: float | None, ce: float | None, temperature: float, hidden_mse: float
-) -> LossWeights:
-    """Loss weights with the defaults filled in: distillation (KL 1, CE 0) when pruning; CE 1 (continued
-    pretraining) for an extension-only run, whose dense teacher it already equals at step 0."""
-    if kl is None:
-        kl = 1.0 if pruning else 0.0
-    if ce is None:
-        ce = 0.0 if pruning else 1.0
-    return LossWeights(kl=kl, temperature=temperature, hidden_mse=hidden_mse, ce=ce)
 
 
 def _stderr(message: str) -> None:
@@ -161,26 +149,6 @@ def _fingerprint(path: str) -> str:
         return model_fingerprint(path)
     except OSError:
         return ""
-
-
-def _broadcast_tensors(tensors: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rank 0's init tensors on every process (names and shapes as JSON-like lists, values by broadcast)."""
-    info = D.dist_info()
-    if not info.distributed:
-        return tensors or {}
-    spec = D.broadcast_object(
-        [(k, list(v.shape), str(v.dtype)) for k, v in (tensors or {}).items()] if info.is_main else None
-    )
-    out = {}
-    for name, shape, dtype in spec:
-        value = (
-            tensors[name].to(device)
-            if info.is_main and tensors
-            else torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]), device=device)
-        )
-        torch.distributed.broadcast(value, src=0)
-        out[name] = value
-    return out
 
 
 def compress(options: CompressOptions, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
@@ -372,7 +340,7 @@ def _decide(
         plan_json = plan.to_json()
     plan = BlockPlan.from_json(D.broadcast_object(plan_json)).validate()
     timings = D.broadcast_object(timings)
-    return plan, timings, _broadcast_tensors(init, device)
+    return plan, timings, D.broadcast_tensors(init, device)
 
 
 def _finish(

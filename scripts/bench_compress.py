@@ -10,7 +10,8 @@ sequences, the same training text and the same recovery token budget:
   exactly Flexi's extra parameter budget (adapters + norms + OFN of its replacement blocks), trained like Flexi;
 - Flexi, no recovery / Flexi recovered: the library defaults (``compress`` without options);
 - ablations (recovered): zero-init B instead of SVD, the other OFN settings (off / rms / layernorm), "previous
-  kept block" choice instead of the SVD-residual distance.
+  kept block" choice instead of the SVD-residual distance, other adapter ranks (4 and 16; the achieved ratio
+  moves with the rank, the pruned blocks stay the same).
 
 Usage: ``.venv/bin/python scripts/bench_compress.py [--tokens N] [--ratios 0.3,0.4] [--write]``. ``--write``
 replaces that section of BENCHMARKS.md (nothing else) and writes ``bench_results/compress.json``.
@@ -70,8 +71,8 @@ def _eval(model, ctx) -> dict:
     return {"perplexity": r.perplexity, "mean_loss": r.mean_loss, "tokens": r.tokens}
 
 
-def _plan(ctx, ratio, method="flexi", choice=DEFAULTS["choice"], ofn=DEFAULTS["ofn"]):
-    options = PlanOptions(method=method, ratio=ratio, rank=ctx.args.rank, ofn=ofn, choice=choice)
+def _plan(ctx, ratio, method="flexi", choice=DEFAULTS["choice"], ofn=DEFAULTS["ofn"], rank=None):
+    options = PlanOptions(method=method, ratio=ratio, rank=rank or ctx.args.rank, ofn=ofn, choice=choice)
     model = ctx.source.model
 
     def distances(pruned, kept):
@@ -100,8 +101,10 @@ def _row(name, ratio, model, ctx, trained=None, **extra) -> dict:
     return row
 
 
-def flexi_row(ctx, ratio, name, train=True, init=DEFAULTS["init"], ofn=DEFAULTS["ofn"], choice=DEFAULTS["choice"]):
-    result = _plan(ctx, ratio, choice=choice, ofn=ofn)
+def flexi_row(
+    ctx, ratio, name, train=True, init=DEFAULTS["init"], ofn=DEFAULTS["ofn"], choice=DEFAULTS["choice"], rank=None
+):
+    result = _plan(ctx, ratio, choice=choice, ofn=ofn, rank=rank)
     model = ctx.source.model
     values = initial_values(model, result.plan, ctx.data.calibration, adapter_init=init, progress=False)
     student = build_flexi(model, result.plan, init=values)
@@ -143,6 +146,8 @@ def ratio_rows(ctx, ratio: float) -> list[dict]:
         for variant in (v for v in ("none", "rms", "layernorm") if v != DEFAULTS["ofn"]):
             rows.append(flexi_row(ctx, ratio, f"ablation: OFN {variant}", ofn=variant))
         rows.append(flexi_row(ctx, ratio, "ablation: previous-kept-block choice", choice="previous"))
+        for rank in ctx.args.ablation_ranks:
+            rows.append(flexi_row(ctx, ratio, f"ablation: rank {rank}", rank=rank))
     return rows
 
 
@@ -266,10 +271,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--jobs", type=int, default=2, help="ratios run in parallel processes (each --threads threads)")
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--ablation-ranks", default="4,16", help="other adapter ranks to try ('' none)")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and bench_results/compress.json")
     args = p.parse_args()
     args.ratios = [float(x) for x in args.ratios.split(",")]
     args.baseline_lrs = [float(x) for x in args.baseline_lrs.split(",") if x.strip()]
+    args.ablation_ranks = [int(x) for x in args.ablation_ranks.split(",") if x.strip()]
     return args
 
 

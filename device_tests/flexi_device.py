@@ -14,8 +14,12 @@ Two jobs:
   (VmHWM), anonymous (RssAnon), file-backed (RssFile) and PSS after load, after prefill and after decode, plus
   the residency (Rss/Pss) of the weight data file's mappings. Linux /proc only; elsewhere it says what it skipped.
 
-Command line (prints JSON):  python flexi_device.py probe --bundle B [--mode recommended|default] [--threads N]
-                             python flexi_device.py replay --bundle B [--threads N]
+Session modes: ``recommended`` (the manifest's options), ``default`` (onnxruntime's defaults: prepacking on),
+``no-prepack`` (``session.disable_prepacking=1``) and ``prepacked`` (the model saved by ``flexi_prepack.py``
+with onnxruntime's packed weights as external data, loaded with the manifest's options).
+
+Command line (prints JSON):  python flexi_device.py probe --bundle B [--mode MODE] [--threads N]
+                             python flexi_device.py replay --bundle B [--mode MODE] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import numpy as np
 
 MiB = 1 << 20
 PROC = Path("/proc/self")
+#: Session modes (see the module docstring).
+MODES = ("recommended", "default", "no-prepack", "prepacked")
 _NP_DTYPES = {"FLOAT": np.float32, "FLOAT16": np.float16, "INT64": np.int64}
 
 
@@ -160,6 +166,18 @@ class Bundle:
         self.model = self.path / self.manifest["files"]["model"]
         self.data = self.path / self.manifest["files"]["data"]
         self.io = self.manifest["io"]
+        prepacked = self.manifest.get("prepacked") or {}
+        self.prepacked_model = self.path / prepacked["model"] if prepacked else None
+        self.prepacked_data = self.path / prepacked["data"] if prepacked else None
+
+    def files_for(self, mode: str) -> tuple[Path, Path]:
+        """``(graph, weight data file)`` a session in ``mode`` loads (``prepacked``: the saved prepacked model)."""
+        if mode != "prepacked":
+            return self.model, self.data
+        if self.prepacked_model is None or not self.prepacked_model.is_file():
+            raise SystemExit(f"error: {self.path} has no prepacked model; run flexi_prepack.py (flexi-export prepack)")
+        assert self.prepacked_data is not None
+        return self.prepacked_model, self.prepacked_data
 
     def kv_bytes(self, batch: int, length: int) -> int:
         """Bytes of the whole KV cache (keys and values of every executed block) at ``length`` tokens."""
@@ -171,10 +189,11 @@ class Bundle:
         return total
 
     def options(self, mode: str, threads: int) -> Any:
-        """``recommended``: the manifest's session options; ``default``: onnxruntime's defaults."""
-        if mode == "default":
-            return session_options(disable_prepacking=False, threads=threads)
-        if mode != "recommended":
+        """``recommended`` and ``prepacked``: the manifest's session options; ``default``: onnxruntime's
+        defaults (prepacking on); ``no-prepack``: the defaults with ``session.disable_prepacking=1``."""
+        if mode in ("default", "no-prepack"):
+            return session_options(disable_prepacking=mode == "no-prepack", threads=threads)
+        if mode not in ("recommended", "prepacked"):
             raise ValueError(f"unknown session mode {mode!r}")
         entries = dict(self.manifest.get("session_options", {}).get("config_entries", {}))
         return session_options(disable_prepacking=False, threads=threads, config_entries=entries)
@@ -234,8 +253,11 @@ def replay(
     path = Path(bundle)
     if tolerances is None:
         tolerances = Bundle(path).manifest["tolerances"]
-    options = Bundle(path).options(mode, threads) if (path / "manifest.json").is_file() else None
-    decoder = OrtDecoder(path, options, threads)
+    model, options = path, None
+    if (path / "manifest.json").is_file():
+        described = Bundle(path)
+        model, options = described.files_for(mode)[0], described.options(mode, threads)
+    decoder = OrtDecoder(model, options, threads)
     cases, problems = [], []
     for case in load_reference(path / REFERENCE_NAME):
         steps = case.greedy.shape[1] if greedy else 0
@@ -313,11 +335,12 @@ def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: 
                               "platform": platform.platform(), "onnxruntime": _ort_version()}  # fmt: skip
     if not proc_available():
         result["skipped"] = f"memory figures need Linux /proc (this is {platform.system()}); timings only"
-    sample = (lambda: snapshot(bundle.data)) if proc_available() else (lambda: {})
+    model, data = bundle.files_for(mode)
+    sample = (lambda: snapshot(data)) if proc_available() else (lambda: {})
     result["peak_reset"] = reset_peak() if proc_available() else False
     result["baseline"] = sample()
     start = time.perf_counter()
-    decoder = OrtDecoder(bundle.model, bundle.options(mode, threads))
+    decoder = OrtDecoder(model, bundle.options(mode, threads))
     result["load_s"] = time.perf_counter() - start
     result["after_load"] = sample()
     ids = np.random.default_rng(0).integers(3, _vocab_from_io(bundle), size=(1, prefill), dtype=np.int64)
@@ -370,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("job", choices=["probe", "replay"])
     parser.add_argument("--bundle", required=True)
-    parser.add_argument("--mode", default="recommended", choices=["recommended", "default"])
+    parser.add_argument("--mode", default="recommended", choices=list(MODES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", type=int, default=128, help="probe: prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="probe: decode steps")

@@ -8,6 +8,7 @@ from flexi_export.cli import (  # noqa: F401
     export_cmd,
     info,
     plan_cmd,
+    prepack_cmd,
     reference_cmd,
     verify_cmd,
 )

@@ -19,7 +19,33 @@ from flexi_export.cli.app import main
     "--dtype",
     default="fp32",
     show_default=True,
-    help="Weights and activations: fp32, or fp16 (norms and softmax still computed in fp32).",
+    help="fp32; fp16 (norms and softmax still computed in fp32); int8 or int4: block matrices quantized "
+    "(int4: MatMulNBits, int8: MatMulInteger), adapters, norms, OFN and activations stay fp32.",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=None,
+    help="int4: weights per quantization block along the input dimension, 16/32/64/128 [default: 32].",
+)
+@click.option("--asymmetric", is_flag=True, help="int4: per-block zero points (default: symmetric, none stored).")
+@click.option(
+    "--accuracy-level",
+    type=int,
+    default=None,
+    help="int4: MatMulNBits accuracy_level; 4 lets onnxruntime compute with int8 activations (fastest), "
+    "0 in fp32 [default: 4].",
+)
+@click.option(
+    "--quantize-embedding",
+    is_flag=True,
+    help="int8/int4: quantize the embedding and LM head too (a tied one stays one copy; int8 needs an untied head).",
+)
+@click.option(
+    "--prepack-external",
+    is_flag=True,
+    help="Also have onnxruntime save its prepacked weights next to the bundle (onnx/model.prepacked.onnx): "
+    "sessions then map them instead of packing on the heap. Specific to this machine's CPU and onnxruntime.",
 )
 @click.option(
     "--opset",
@@ -42,7 +68,19 @@ from flexi_export.cli.app import main
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export_command(
-    source: str, out: str, dtype: str, opset: int, dense: bool, overwrite: bool, no_check: bool, quiet: bool
+    source: str,
+    out: str,
+    dtype: str,
+    block_size: int | None,
+    asymmetric: bool,
+    accuracy_level: int | None,
+    quantize_embedding: bool,
+    prepack_external: bool,
+    opset: int,
+    dense: bool,
+    overwrite: bool,
+    no_check: bool,
+    quiet: bool,
 ) -> None:
     """Export FLEXI_OR_HF_DIR (a Flexi checkpoint, or a Hugging Face model folder exported as the dense model)
     to an ONNX bundle with a KV cache: onnx/model.onnx + onnx/model.onnx_data (every shared weight stored
@@ -52,7 +90,19 @@ def export_command(
     from flexi_export.table import human_bytes
 
     bundle = export_folder(
-        source, out, dtype=dtype, opset=opset, dense=dense, overwrite=overwrite, check=not no_check, progress=not quiet
+        source,
+        out,
+        dtype=dtype,
+        opset=opset,
+        dense=dense,
+        overwrite=overwrite,
+        check=not no_check,
+        progress=not quiet,
+        block_size=block_size,
+        symmetric=not asymmetric,
+        accuracy_level=accuracy_level,
+        quantize_embedding=quantize_embedding,
+        prepack_external=prepack_external,
     )
     totals = bundle.manifest["totals"]
     kind = "dense (no sharing)" if dense else "shared"
@@ -73,3 +123,14 @@ def export_command(
         click.echo(
             f"check         onnxruntime vs torch: max |logits diff| {worst:.2e}, top-1 agreement {agreement:.3f}"
         )
+    quant = bundle.manifest.get("quantization")
+    if quant:
+        moved = quant["vs_unquantized"]
+        click.echo(
+            f"quantization  {quant['dtype']} ({quant['op']}, {quant['granularity']}); vs the unquantized model: "
+            f"prefill top-1 {moved['prefill_top1_agreement']:.3f}, greedy tokens {moved['greedy_agreement']:.3f}"
+        )
+    if bundle.manifest.get("prepacked"):
+        prepacked = bundle.manifest["prepacked"]
+        click.echo(f"prepacked     {prepacked['model']} ({human_bytes(prepacked['data_bytes'])}, onnxruntime "
+                   f"{prepacked['onnxruntime']})")  # fmt: skip

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from flexi_export.export.graph import GraphBuilder
 from flexi_export.export.io_spec import past_names, present_names
+from flexi_export.export.qblocks import quantized_matmul
 from flexi_export.export.spec import BlockSpec, LinearSpec, OfnSpec, TensorRef
 from flexi_export.export.weights import AS_IS, TRANSPOSED
 
@@ -63,10 +64,14 @@ def output_feature_norm(g: GraphBuilder, h: str, ofn: OfnSpec, name: str, role: 
 
 #   x ─► MatMul W[in,out] ─► [Add bias] ──────────────────────────► Add ─► [OFN] ─► y
 #   └──► MatMul lora_A[in,r] ─► MatMul lora_B[r,out] ─► [Mul scaling] ┘   (no Mul when scaling is exactly 1)
+#   (quantized bundles: MatMulNBits / MatMulInteger in place of the first MatMul; the adapter path stays float)
 def linear(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> str:
     """``x @ W (+ b) + scaling * (x @ A) @ B``, then the OFN when the block has one on this output."""
-    w = g.registry.use(spec.weight, f"{spec.role}.weight", TRANSPOSED, f"{name}/MatMul", block)
-    y = g.op("MatMul", [x, w], f"{name}/MatMul")
+    if g.quant is not None:
+        y = quantized_matmul(g, x, spec.weight, f"{spec.role}.weight", name, block)
+    else:
+        w = g.registry.use(spec.weight, f"{spec.role}.weight", TRANSPOSED, f"{name}/MatMul", block)
+        y = g.op("MatMul", [x, w], f"{name}/MatMul")
     if spec.bias is not None:
         b = g.registry.use(spec.bias, f"{spec.role}.bias", AS_IS, f"{name}/Add", block)
         y = g.op("Add", [y, b], f"{name}/Add")

@@ -101,6 +101,29 @@ def write_model_files(folder: Path, model: PreTrainedModel, tokenizer: Any | Non
     generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        portable_tokenizer_config(folder)
+
+
+#: ``tokenizer_class`` names only transformers >= 5 knows -> the name every client reads as "tokenizer.json as is"
+_PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(folder: Path) -> None:
+    """Make ``tokenizer_config.json`` loadable by the clients' own transformers versions.
+
+    transformers 5 saves a plain fast tokenizer as ``"tokenizer_class": "TokenizersBackend"``, a class that
+    transformers 4.x (which optimum-onnx pins) does not have: ``AutoTokenizer`` raises there. The same
+    tokenizer is ``PreTrainedTokenizerFast`` in 4.x, and transformers 5 loads that name as ``TokenizersBackend``;
+    transformers.js and onnxruntime-genai read ``tokenizer.json`` either way.
+    """
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    name = data.get("tokenizer_class")
+    if name in _PORTABLE_TOKENIZER_CLASSES:
+        data["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASSES[name]
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def genai_config(model: PreTrainedModel, dims: ModelDims, io: IOSpec, pad_id: int) -> dict[str, Any]:

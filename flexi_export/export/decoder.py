@@ -16,6 +16,8 @@ from onnx import NodeProto, TensorProto
 from flexi_export.export.blocks import BlockContext, decoder_block, rms_norm
 from flexi_export.export.graph import GraphBuilder
 from flexi_export.export.io_spec import FLOAT_TYPES, IOSpec, decoder_io
+from flexi_export.export.qblocks import gather_int8_rows, gather_nbits, quantized_matmul
+from flexi_export.export.quant import QuantConfig
 from flexi_export.export.spec import ModelSpec
 from flexi_export.export.weights import AS_IS, TRANSPOSED, WeightRegistry
 
@@ -30,11 +32,15 @@ class DecoderGraph:
     registry: WeightRegistry
 
 
-def build_decoder(spec: ModelSpec, dtype: str, progress: Iterable[int] | None = None) -> DecoderGraph:
-    """Build the graph of ``spec`` in ``dtype`` (``fp32`` / ``fp16``); ``progress`` wraps the block loop."""
+def build_decoder(
+    spec: ModelSpec, dtype: str, progress: Iterable[int] | None = None, quant: QuantConfig | None = None
+) -> DecoderGraph:
+    """Build the graph of ``spec`` in ``dtype`` (``fp32`` / ``fp16``: weights and activations), its block matrices
+    (and with ``quant.quantize_embedding`` the embedding / LM head) quantized as ``quant`` says; ``progress``
+    wraps the block loop."""
     d = spec.dims
     registry = WeightRegistry(spec.names, dtype)
-    g = GraphBuilder(registry, FLOAT_TYPES[dtype])
+    g = GraphBuilder(registry, FLOAT_TYPES[dtype], quant)
     io = decoder_io(len(spec.blocks), d.num_kv_heads, d.head_dim, d.vocab_size, dtype)
     cos_k, sin_k, cos_q, sin_q = _rope(g, spec)
     windows = sorted({b.window for b in spec.blocks}, key=lambda w: -1 if w is None else w)
@@ -49,12 +55,7 @@ def build_decoder(spec: ModelSpec, dtype: str, progress: Iterable[int] | None = 
         head_dim=d.head_dim,
         eps=d.rms_norm_eps,
     )
-    x = g.op(
-        "Gather",
-        [registry.use(spec.embed, "embed_tokens", AS_IS, "/model/embed_tokens/Gather"), "input_ids"],
-        "/model/embed_tokens/Gather",
-        axis=0,
-    )
+    x = _embedding(g, spec)
     for index in progress if progress is not None else range(len(spec.blocks)):
         x = decoder_block(g, x, spec.blocks[index], ctx)
     x = rms_norm(g, x, spec.final_norm, d.rms_norm_eps, "/model/norm", "norm", None)
@@ -129,12 +130,26 @@ def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | N
     return masks
 
 
+def _embedding(g: GraphBuilder, spec: ModelSpec) -> str:
+    """``input_ids`` -> hidden states: ``Gather`` of the float table, or of quantized rows (unpacked after it)."""
+    name = "/model/embed_tokens"
+    if g.quant is not None and g.quant.quantize_embedding:
+        gather = gather_nbits if g.quant.dtype == "int4" else gather_int8_rows
+        return gather(g, spec.embed, "input_ids", name)
+    table = g.registry.use(spec.embed, "embed_tokens", AS_IS, f"{name}/Gather")
+    return g.op("Gather", [table, "input_ids"], f"{name}/Gather", axis=0)
+
+
 #   tied:   h ─► Reshape [-1, H] ─► Gemm(·, embed[V, H], transB=1) ─► Reshape [B, S, V] ─► logits
 #   untied: h ─► MatMul lm_head[H, V] ─► logits
+#   quantized (--quantize-embedding): h ─► MatMulNBits / MatMulInteger ─► logits (a tied int4 head reads the
+#   embedding's own packed rows: MatMulNBits wants [N = vocab, K = hidden] blocks, which are the table's rows)
 def _lm_head(g: GraphBuilder, x: str, spec: ModelSpec) -> None:
     """Logits. A tied head reads the embedding initializer itself (``Gemm`` with ``transB=1``, no copy)."""
     name = "/lm_head"
-    if spec.tied:
+    if g.quant is not None and g.quant.quantize_embedding:
+        quantized_matmul(g, x, spec.embed if spec.tied else spec.lm_head, "lm_head", name, None, out="logits")
+    elif spec.tied:
         hidden = spec.dims.hidden_size
         flat = g.op("Reshape", [x, g.ints(-1, hidden)], f"{name}/Reshape")
         weight = g.registry.use(spec.embed, "lm_head", AS_IS, f"{name}/Gemm")

@@ -16,22 +16,18 @@ under-count the PSS of such overlapping mappings, which would blur every residen
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
-from flexi_export.export.io_spec import FLOAT_TYPES
 from flexi_export.export.weights import WeightEntry, WeightRegistry
 
 ALIGNMENT = 64 * 1024
 ALIGN_THRESHOLD = 64 * 1024
 SMALL_ALIGNMENT = 4096
-
-_ITEMSIZE = {"fp32": 4, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ def write_external_data(
     offset = 0
     with open(path, "wb") as f:
         for entry in registry.entries:
-            length = math.prod(entry.shape) * _ITEMSIZE[registry.dtype]
+            length = entry.nbytes
             start = _round_up(offset, alignment_for(length))
             if start > offset:
                 f.write(b"\0" * (start - offset))
@@ -77,7 +73,7 @@ def write_external_data(
                 written += chunk.nbytes
             if written != length:  # a chunking bug must never shift every later tensor silently
                 raise RuntimeError(f"{entry.name}: wrote {written} bytes, expected {length}")
-            elem_type = FLOAT_TYPES[registry.dtype]
+            elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(entry.np_dtype))
             stored.append(StoredTensor(entry, elem_type, entry.shape, start, length, digest.hexdigest()))
             offset = start + length
             if on_bytes is not None:
@@ -104,7 +100,7 @@ def external_initializer(tensor: StoredTensor, location: str) -> TensorProto:
 def read_external(data_path: Path, proto: TensorProto) -> np.ndarray:
     """The values of an external initializer, read from its data file (a memory map, no full read)."""
     info = {item.key: item.value for item in proto.external_data}
-    dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[proto.data_type]
+    dtype = helper.tensor_dtype_to_np_dtype(proto.data_type)
     offset, length = int(info.get("offset", 0)), int(info["length"])
     count = length // np.dtype(dtype).itemsize
     array = np.memmap(data_path, dtype=dtype, mode="r", offset=offset, shape=(count,))

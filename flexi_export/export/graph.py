@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from flexi_export.export.quant import QuantConfig
 from flexi_export.export.weights import WeightRegistry
 
 _NP_TO_ONNX = {
@@ -20,16 +21,19 @@ _NP_TO_ONNX = {
     np.dtype(np.float16): TensorProto.FLOAT16,
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.bool_): TensorProto.BOOL,
+    np.dtype(np.uint8): TensorProto.UINT8,
 }
 
 
 class GraphBuilder:
     """Collects nodes, constants and inline initializers for one graph."""
 
-    def __init__(self, registry: WeightRegistry, float_type: int) -> None:
+    def __init__(self, registry: WeightRegistry, float_type: int, quant: QuantConfig | None = None) -> None:
         self.registry = registry
         #: ONNX element type of weights and activations (FLOAT or FLOAT16).
         self.float_type = float_type
+        #: How block matrices are quantized (None: float weights).
+        self.quant = quant
         self.nodes: list[NodeProto] = []
         self.inline: list[TensorProto] = []
         self._constants: dict[tuple[Any, ...], str] = {}

@@ -18,6 +18,8 @@ from flexi_export import __version__
 from flexi_export.errors import InputError
 from flexi_export.export.external_data import ALIGN_THRESHOLD, ALIGNMENT, SMALL_ALIGNMENT, StoredTensor
 from flexi_export.export.io_spec import IOSpec
+from flexi_export.export.quant import NBITS, ROWS
+from flexi_export.export.weights import WeightEntry
 
 MANIFEST_FORMAT = "flexi-bundle/1"
 MANIFEST_NAME = "manifest.json"
@@ -41,11 +43,33 @@ TOLERANCES: dict[str, dict[str, Any]] = {
         "greedy_tokens": "not compared (fp16 rounding may flip near-ties)",
         "top1_agreement_min": 0.99,
     },
+    # quantized bundles are compared with the PyTorch model whose quantized matrices hold dequantize(quantize(W))
+    # (same weights as the graph); what remains is the runtime's own arithmetic: int8 activations (MatMulNBits
+    # accuracy level 4 per block, MatMulInteger per tensor) and fp32 accumulation order. Bounds set from the
+    # measured differences with a margin (docs/export.md, "Quantized bundles")
+    "int4": {
+        "logits_atol": 0.5,
+        "logits_rtol": 0.05,
+        "present_atol": 0.5,
+        "present_rtol": 0.05,
+        "greedy_tokens": "not compared (int8 activations may flip near-ties)",
+        "top1_agreement_min": 0.99,
+    },
+    "int8": {
+        "logits_atol": 0.5,
+        "logits_rtol": 0.05,
+        "present_atol": 0.5,
+        "present_rtol": 0.05,
+        "greedy_tokens": "not compared (int8 activations may flip near-ties)",
+        "top1_agreement_min": 0.99,
+    },
 }
 
 
 def session_options(dtype: str) -> dict[str, Any]:
     """The onnxruntime session options recommended for minimum memory, and what they were chosen for."""
+    if dtype == "int4":
+        return _int4_session_options()
     options: dict[str, Any] = {
         "config_entries": {"session.disable_prepacking": "1"},
         "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -59,6 +83,11 @@ def session_options(dtype: str) -> dict[str, Any]:
         ),
         "measured_with": {"session.disable_prepacking": "1", "graph_optimization_level": "ORT_ENABLE_ALL"},
     }
+    if dtype == "int8":
+        options["why"] += (
+            " int8: MatMulInteger reads the int8 weight as stored, from the mapped file (one copy, a quarter of "
+            "fp32); prepacking would add a packed heap copy per weight for faster integer GEMMs."
+        )
     if dtype == "fp16":
         options["note"] = (
             "onnxruntime's x86-64 CPU EP has no fp16 MatMul/Gemm kernels: it inserts Casts and keeps fp32 copies "
@@ -66,6 +95,23 @@ def session_options(dtype: str) -> dict[str, Any]:
             "CUDA, WebGPU/transformers.js); on x86-64 CPU the fp32 bundle uses less memory."
         )
     return options
+
+
+def _int4_session_options() -> dict[str, Any]:
+    return {
+        "config_entries": {},
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "why": (
+            "int4 MatMulNBits needs prepacking (onnxruntime's default) for speed: without it every product "
+            "unpacks its weight on the fly, tens of times slower. Prepacking keeps a packed copy of each weight "
+            "on the heap (the mapped int4 file pages are released after packing). For minimum heap, run "
+            "`flexi-export prepack BUNDLE` once on the target machine: onnxruntime then saves its packed weights "
+            "as external data (onnx/model.prepacked.onnx + .onnx_data) and later sessions memory-map them; "
+            "load that model with these same options."
+        ),
+        "prepacked_model": "onnx/model.prepacked.onnx (after `flexi-export prepack`; hardware- and version-specific)",
+        "measured_with": {"session.disable_prepacking": "0", "graph_optimization_level": "ORT_ENABLE_ALL"},
+    }
 
 
 def initializer_rows(stored: list[StoredTensor]) -> list[dict[str, Any]]:
@@ -89,9 +135,26 @@ def initializer_rows(stored: list[StoredTensor]) -> list[dict[str, Any]]:
                 "source": list(e.sources),
                 "transform": e.transform,
                 "scaling": e.scaling,
+                "quantization": _quant_fields(e),
             }
         )
     return rows
+
+
+def _quant_fields(entry: WeightEntry) -> dict[str, Any] | None:
+    """What part of which quantized matrix a row holds (None for a float tensor)."""
+    if entry.quant is None:
+        return None
+    config = entry.quant.config
+    return {
+        "part": entry.quant.part,
+        "layout": entry.quant.layout,
+        "op": "Gather" if entry.quant.layout == ROWS else config.op,
+        "bits": config.bits,
+        "block_size": config.block_size if entry.quant.layout == NBITS else None,
+        "symmetric": config.symmetric,
+        "source_shape": list(entry.torch_shape),
+    }
 
 
 def totals(stored: list[StoredTensor], data_file_bytes: int) -> dict[str, int]:
@@ -103,12 +166,25 @@ def totals(stored: list[StoredTensor], data_file_bytes: int) -> dict[str, int]:
     return {
         "initializers": len(stored),
         "shared_initializers": sum(1 for t in stored if len(t.entry.consuming_blocks) > 1),
-        "parameters": sum(_numel(t.dims) for t in stored),
+        "parameters": _parameters(stored),
         "unique_weight_bytes": unique,
         "bytes_without_sharing": unshared,
         "data_file_bytes": data_file_bytes,
         "padding_bytes": data_file_bytes - unique,
     }
+
+
+def _parameters(stored: list[StoredTensor]) -> int:
+    """Model parameters the bundle holds: a float tensor's elements; a quantized matrix counted once, by the
+    shape of the matrix it stands for (its qweight row), not by its bytes."""
+    total = 0
+    for t in stored:
+        quant = t.entry.quant
+        if quant is None:
+            total += _numel(t.dims)
+        elif quant.part == "qweight":
+            total += _numel(t.entry.torch_shape)
+    return total
 
 
 def build_manifest(
@@ -123,8 +199,10 @@ def build_manifest(
     plan_fingerprint: str,
     source: dict[str, Any],
     inline: list[dict[str, Any]],
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The full manifest dict (see the module docstring)."""
+    """The full manifest dict (see the module docstring); ``quantization``: how an int8/int4 bundle's weights
+    are quantized and how far that moves the model (None for float bundles)."""
     return {
         "format": MANIFEST_FORMAT,
         "created_by": f"flexi-export {__version__}",
@@ -142,6 +220,7 @@ def build_manifest(
         "io": io.to_json(),
         "tolerances": TOLERANCES[dtype],
         "session_options": session_options(dtype),
+        "quantization": quantization,
     }
 
 

@@ -24,7 +24,8 @@ from flexi_export.verify.runtime import REFERENCE_NAME, ReferenceCase, load_refe
 
 GREEDY_TOKENS = 16
 MAX_PROMPT_TOKENS = 16
-_TEXTS = (
+#: The texts of the reference prompts (encoded with the bundle's tokenizer, at most 16 tokens each).
+REFERENCE_TEXTS = (
     "def fibonacci(n):\n    if n < 2:",
     "The quick brown fox jumps over the lazy dog because it",
     "import os\nprint(os.",
@@ -35,7 +36,7 @@ _RANDOM_LENGTHS = (9, 12, 6)
 def reference_prompts(tokenizer: Any | None, vocab_size: int, seed: int = 0) -> list[list[int]]:
     """Three prompts: the tokenizer's encoding of fixed texts, or fixed random ids without a usable tokenizer."""
     if tokenizer is not None:
-        prompts = [list(tokenizer(text)["input_ids"])[:MAX_PROMPT_TOKENS] for text in _TEXTS]
+        prompts = [list(tokenizer(text)["input_ids"])[:MAX_PROMPT_TOKENS] for text in REFERENCE_TEXTS]
         if all(len(p) >= 2 and max(p) < vocab_size and min(p) >= 0 for p in prompts):
             return _distinct_batch_lengths(prompts)
     rng = np.random.default_rng(seed)
@@ -112,6 +113,7 @@ def save_reference(path: Path, cases: list[ReferenceCase], tolerances: dict[str,
 __all__ = [
     "GREEDY_TOKENS",
     "REFERENCE_NAME",
+    "REFERENCE_TEXTS",
     "ReferenceCase",
     "compute_reference",
     "left_pad",

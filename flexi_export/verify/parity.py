@@ -10,16 +10,30 @@ left-padded pair) and at the manifest's tolerances:
 
 Without PyTorch, :func:`check_replay` replays ``reference.npz`` (golden outputs recorded at export time) in a
 fresh process with the same code the device tests run.
+
+A quantized (int8/int4) bundle is compared with the PyTorch model with the same quantization applied
+(:func:`~flexi_export.export.quant_reference.quantized_reference`: dequantized weights, activations rounded as
+the runtime rounds them), at the manifest's tolerances; :func:`check_quantization_effect` reports, without a
+bound, how far the quantization moves the bundle from the unquantized model. onnxruntime runs with the
+manifest's recommended session options (int4: prepacking on, as it would run on a device).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flexi_export.verify.runtime import OrtDecoder, ReferenceCase, load_reference, position_ids_from_mask, run_fresh
+from flexi_export.verify.runtime import (
+    OrtDecoder,
+    ReferenceCase,
+    device,
+    load_reference,
+    position_ids_from_mask,
+    run_fresh,
+)
 from flexi_export.verify.structure import CheckResult
 
 _HINT = (
@@ -146,16 +160,53 @@ def check_greedy(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], to
 
 
 def check_against(bundle: str | Path, model: Any, manifest: dict[str, Any], threads: int = 2) -> list[CheckResult]:
-    """Every PyTorch parity check on the bundle's reference prompts (``model``: float32, eval mode)."""
+    """Every PyTorch parity check on the bundle's reference prompts (``model``: float32, eval mode); a quantized
+    bundle is held to the model with the same quantization applied."""
     tol = manifest["tolerances"]
     cases = load_reference(Path(bundle) / "reference.npz")
-    decoder = OrtDecoder(bundle, threads=threads)
+    described = device.Bundle(bundle)
+    decoder = OrtDecoder(described.model, described.options("recommended", threads), threads)
     model.eval()
-    return [
-        check_prefill(decoder, model, cases, tol),
-        check_decode(decoder, model, cases, tol),
-        check_greedy(decoder, model, cases, tol),
-    ]
+    with same_quantization(model, manifest):
+        checks = [
+            check_prefill(decoder, model, cases, tol),
+            check_decode(decoder, model, cases, tol),
+            check_greedy(decoder, model, cases, tol),
+        ]
+    if manifest.get("quantization"):
+        checks.append(check_quantization_effect(decoder, model, cases))
+    return checks
+
+
+def same_quantization(model: Any, manifest: dict[str, Any]) -> AbstractContextManager[Any]:
+    """A context in which ``model`` computes what the (quantized) bundle computes; nothing for a float bundle."""
+    if not manifest.get("quantization"):
+        return nullcontext(model)
+    from flexi_export.export.quant import QuantConfig
+    from flexi_export.export.quant_reference import quantized_reference, reference_registry
+
+    config = QuantConfig.from_json(manifest["quantization"])
+    spec, registry = reference_registry(model, config, dense=bool(manifest.get("dense")))
+    return quantized_reference(model, spec, registry)
+
+
+def check_quantization_effect(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase]) -> CheckResult:
+    """How far the quantized bundle is from the *unquantized* PyTorch model: prefill top-1 agreement and greedy
+    token agreement on the reference prompts. Reported, never a failure (the quantization's own cost)."""
+    from flexi_export.export.reference import torch_greedy
+
+    result = CheckResult("quantization: agreement with the unquantized model (reported, not bounded)")
+    top1, same, total = [], 0, 0
+    for case in cases:
+        steps = case.greedy.shape[1]
+        ref_logits, want = torch_greedy(model, case.input_ids, case.attention_mask, steps)
+        logits, got = decoder.greedy(case.input_ids, case.attention_mask, steps, case.position_ids)
+        keep = case.attention_mask.astype(bool)
+        top1.append(float(np.mean(logits[keep].argmax(-1) == ref_logits[keep].argmax(-1))))
+        same += int((got == want).sum())
+        total += want.size
+    result.figures = {"prefill_top1_agreement": min(top1, default=1.0), "greedy_agreement": same / max(1, total)}
+    return result
 
 
 def check_replay(bundle: str | Path, threads: int = 2) -> CheckResult:

@@ -13,7 +13,10 @@ bundle, so a report can list every failure at once. :func:`check_structure` runs
   is at most the unique weight bytes x 1.01 plus alignment padding;
 - :func:`check_values`: the stored tensors equal the source model's tensors (not just counts and dtypes);
 - :func:`check_ort_optimized`: the graph onnxruntime saves after its optimisations keeps the same weights
-  and gained no weight-sized initializer (no folded copy).
+  and gained no weight-sized initializer (no folded copy);
+- :func:`check_quantized_ops`: in an int8/int4 bundle every block matrix is stored quantized, once, and each
+  part is read only by the op of its layout with matching attributes; contrib ops (``com.microsoft``) appear
+  only where the bundle's dtype needs them.
 """
 
 from __future__ import annotations
@@ -122,10 +125,15 @@ def _parameter_problems(
                 f"{row['name']} comes from {s}, which the model does not have" for s in row["source"] if s not in params
             ]
         return problems
-    for name in sorted(params - weights):
+    # a quantized matrix is stored as parts named after the parameter (``<name>.qweight`` ...)
+    quantized = {name: row["source"][0] for name, row in rows.items() if row.get("quantization")}
+    covered = (weights - set(quantized)) | set(quantized.values())
+    for name in sorted(params - covered):
         problems.append(f"parameter {name} has no initializer")
-    for name in sorted(weights - params):
+    for name in sorted(weights - params - set(quantized)):
         problems.append(f"initializer {name} is not a parameter of the model")
+    for name in sorted(n for n, source in quantized.items() if source not in params):
+        problems.append(f"{name} quantizes {quantized[name]}, which is not a parameter of the model")
     return problems
 
 
@@ -142,7 +150,12 @@ def check_duplicates(proto: ModelProto, data_path: Path, manifest: dict[str, Any
         if any(r is None for r in declared):
             result.problems.append(f"{', '.join(group)} hold the same bytes and are not all declared tensors")
             continue
-        parameters = {r["source"][0] for r in declared if r["transform"] == "identity"}
+        # a quantized part is identified by its matrix and its part (two matrices' zero points may be equal)
+        parameters = {
+            (r["source"][0], (r.get("quantization") or {}).get("part"))
+            for r in declared
+            if r["transform"] == "identity"
+        }
         if len(parameters) < len(group) and not manifest.get("dense"):
             result.problems.append(f"{', '.join(group)} hold the same bytes but are not distinct parameters (a copy)")
     result.figures = {"equal_by_value_groups": len(equal_groups)}
@@ -176,7 +189,7 @@ def check_external_data(
     for name, tensor in external_weights(proto).items():
         info = {item.key: item.value for item in tensor.external_data}
         offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-        itemsize = 2 if tensor.data_type == TensorProto.FLOAT16 else 4
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
         if info.get("location") != DATA_FILE:
             result.problems.append(f"{name} is stored in {info.get('location')!r}, not {DATA_FILE}")
         if length != int(np.prod(tensor.dims)) * itemsize:

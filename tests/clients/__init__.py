@@ -1,0 +1,1 @@
+"""Tests of scripts/clients: the bundle in optimum, onnxruntime-genai, transformers.js and onnxruntime mobile."""

@@ -5,12 +5,18 @@ ModelProto first (a second full copy of the weights next to the torch model) and
 Here each tensor is converted (dtype, layout) in blocks of 16 MiB, written and hashed on the way, so the
 export's peak memory stays near the torch model's own size.
 
-Alignment: tensors of at least :data:`ALIGN_THRESHOLD` bytes start at a multiple of :data:`ALIGNMENT`
-(64 KiB, the mapping granularity on Windows; 4 KiB pages on Linux divide it), so onnxruntime can memory-map
-each of them in place. Smaller tensors (norms, biases, adapters) start on a 4 KiB page: aligning them to
-64 KiB would mostly store padding, and page alignment keeps every page to one tensor. onnxruntime maps each
-tensor separately; a page shared by two mappings is resident once, but kernels with large page-cache folios
-under-count the PSS of such overlapping mappings, which would blur every residency measurement.
+Layout: the file is padding-free in practice (the bundle's size is its unique weight bytes, within a few KiB)
+while every weight stays mappable in place:
+
+- tensors of at least :data:`ALIGN_THRESHOLD` (4 MiB: every matrix of a model worth memory-mapping) start at a
+  multiple of :data:`ALIGNMENT` (64 KiB, the mapping granularity on Windows; Linux pages divide it);
+- tensors of at least one page (:data:`PAGE`) start on a page, so no page holds two of them;
+- smaller tensors (norms, biases, small adapters) start on a :data:`SMALL_ALIGNMENT` (64-byte) boundary, packed
+  into the gaps alignment leaves before a larger tensor, in registry order, or after the last one.
+
+On Linux onnxruntime maps any offset (it maps from the page below); a small tensor sharing a page with another is
+still one physical page. Tensors are written in registry order (a quantized matrix's parts one after the other,
+so it is quantized once) at their planned offsets; never-written bytes read as zeros.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from onnx import TensorProto, helper
 from flexi_export.export.weights import WeightEntry, WeightRegistry
 
 ALIGNMENT = 64 * 1024
-ALIGN_THRESHOLD = 64 * 1024
-SMALL_ALIGNMENT = 4096
+ALIGN_THRESHOLD = 4 * 1024 * 1024
+PAGE = 4096
+SMALL_ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,9 @@ class StoredTensor:
 
 def alignment_for(length: int) -> int:
     """The offset alignment used for a tensor of ``length`` bytes."""
-    return ALIGNMENT if length >= ALIGN_THRESHOLD else SMALL_ALIGNMENT
+    if length >= ALIGN_THRESHOLD:
+        return ALIGNMENT
+    return PAGE if length >= PAGE else SMALL_ALIGNMENT
 
 
 def padding_budget(lengths: list[int]) -> int:
@@ -52,18 +61,47 @@ def padding_budget(lengths: list[int]) -> int:
     return sum(alignment_for(n) - 1 for n in lengths)
 
 
+def plan_offsets(lengths: list[int]) -> list[int]:
+    """Where each tensor of ``lengths`` (registry order) starts in the data file (see the module docstring)."""
+    offsets = [0] * len(lengths)
+    pending = [i for i, n in enumerate(lengths) if alignment_for(n) == SMALL_ALIGNMENT]
+    offset = 0
+    for i, length in enumerate(lengths):
+        if alignment_for(length) == SMALL_ALIGNMENT:
+            continue
+        start = _round_up(offset, alignment_for(length))
+        offset, pending = _fill_gap(offset, start, pending, lengths, offsets)
+        offsets[i] = start
+        offset = start + length
+    for i in pending:
+        offsets[i] = _round_up(offset, SMALL_ALIGNMENT)
+        offset = offsets[i] + lengths[i]
+    return offsets
+
+
+def _fill_gap(offset: int, end: int, pending: list[int], lengths: list[int], offsets: list[int]) -> tuple[int, list]:
+    """Place the pending small tensors that fit between ``offset`` and ``end``; return the new offset and the rest."""
+    rest = []
+    for i in pending:
+        start = _round_up(offset, SMALL_ALIGNMENT)
+        if start + lengths[i] <= end:
+            offsets[i] = start
+            offset = start + lengths[i]
+        else:
+            rest.append(i)
+    return offset, rest
+
+
 def write_external_data(
     path: Path, registry: WeightRegistry, on_bytes: Callable[[int], None] | None = None
 ) -> list[StoredTensor]:
     """Stream every registry entry into ``path``; return where each one went (in file order)."""
+    entries = list(registry.entries)
+    offsets = plan_offsets([e.nbytes for e in entries])
     stored: list[StoredTensor] = []
-    offset = 0
     with open(path, "wb") as f:
-        for entry in registry.entries:
-            length = entry.nbytes
-            start = _round_up(offset, alignment_for(length))
-            if start > offset:
-                f.write(b"\0" * (start - offset))
+        for entry, start in zip(entries, offsets, strict=True):
+            f.seek(start)
             digest = hashlib.sha256()
             written = 0
             for chunk in registry.chunks(entry):
@@ -71,16 +109,16 @@ def write_external_data(
                 f.write(data)
                 digest.update(data)
                 written += chunk.nbytes
-            if written != length:  # a chunking bug must never shift every later tensor silently
-                raise RuntimeError(f"{entry.name}: wrote {written} bytes, expected {length}")
+            if written != entry.nbytes:  # a chunking bug must never shift every later tensor silently
+                raise RuntimeError(f"{entry.name}: wrote {written} bytes, expected {entry.nbytes}")
             elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(entry.np_dtype))
-            stored.append(StoredTensor(entry, elem_type, entry.shape, start, length, digest.hexdigest()))
-            offset = start + length
+            stored.append(StoredTensor(entry, elem_type, entry.shape, start, written, digest.hexdigest()))
             if on_bytes is not None:
-                on_bytes(length)
-    if path.stat().st_size != offset:  # a short write (disk full) must not pass unnoticed
-        raise OSError(f"{path} has {path.stat().st_size} bytes, expected {offset}")
-    return stored
+                on_bytes(written)
+    end = max((t.offset + t.length for t in stored), default=0)
+    if path.stat().st_size != end:  # a short write (disk full) must not pass unnoticed
+        raise OSError(f"{path} has {path.stat().st_size} bytes, expected {end}")
+    return sorted(stored, key=lambda t: t.offset)
 
 
 def external_initializer(tensor: StoredTensor, location: str) -> TensorProto:

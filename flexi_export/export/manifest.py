@@ -16,7 +16,7 @@ from onnx import TensorProto
 
 from flexi_export import __version__
 from flexi_export.errors import InputError
-from flexi_export.export.external_data import ALIGN_THRESHOLD, ALIGNMENT, SMALL_ALIGNMENT, StoredTensor
+from flexi_export.export.external_data import ALIGN_THRESHOLD, ALIGNMENT, PAGE, SMALL_ALIGNMENT, StoredTensor
 from flexi_export.export.io_spec import IOSpec
 from flexi_export.export.quant import NBITS, ROWS
 from flexi_export.export.weights import WeightEntry
@@ -213,7 +213,12 @@ def build_manifest(
         "plan_fingerprint": plan_fingerprint,
         "source": source,
         "files": {"model": "onnx/model.onnx", "data": "onnx/model.onnx_data"},
-        "data_alignment": {"alignment": ALIGNMENT, "threshold": ALIGN_THRESHOLD, "small_alignment": SMALL_ALIGNMENT},
+        "data_alignment": {
+            "alignment": ALIGNMENT,
+            "threshold": ALIGN_THRESHOLD,
+            "page": PAGE,
+            "small_alignment": SMALL_ALIGNMENT,
+        },
         "totals": totals(stored, data_file_bytes),
         "initializers": initializer_rows(stored),
         "inline_initializers": inline,

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from flexi_export.export.external_data import ALIGNMENT, SMALL_ALIGNMENT, read_external, write_external_data
+from flexi_export.export.external_data import (
+    ALIGNMENT,
+    PAGE,
+    SMALL_ALIGNMENT,
+    alignment_for,
+    plan_offsets,
+    read_external,
+    write_external_data,
+)
 from flexi_export.export.external_data import external_initializer as to_proto
 from flexi_export.export.weights import AS_IS, TRANSPOSED, WeightRegistry, stored_chunks
 
@@ -49,19 +59,44 @@ def test_chunked_conversion_equals_converting_the_whole_tensor(layout, dtype):
     np.testing.assert_array_equal(np.concatenate(parts), expected)
 
 
-def test_external_data_is_aligned_hashed_and_reads_back(tmp_path):
-    big = nn.Parameter(torch.randn(160, 128))  # 80 KiB: 64 KiB-aligned
-    small = nn.Parameter(torch.randn(5))  # 20 bytes: page aligned
-    matrix = nn.Parameter(torch.randn(64, 300))  # 75 KiB
-    registry = _registry(("small", small), ("big", big), ("matrix", matrix))
+def test_external_data_is_aligned_packed_hashed_and_reads_back(tmp_path):
+    small = nn.Parameter(torch.randn(5))  # 20 bytes: packed on 64 bytes
+    big = nn.Parameter(torch.randn(1025, 1024))  # 4 MiB + 4 KiB: on 64 KiB
+    matrix = nn.Parameter(torch.randn(64, 300))  # 75 KiB: page aligned, right after big
+    norm = nn.Parameter(torch.randn(7))  # registered after the matrix, placed in the gap before huge
+    huge = nn.Parameter(torch.randn(1024, 1025))
+    registry = _registry(("small", small), ("big", big), ("matrix", matrix), ("norm", norm), ("huge", huge))
     registry.use(small, "norm", AS_IS, "/n")
     registry.use(big, "embed", AS_IS, "/g")
     registry.use(matrix, "q_proj.weight", TRANSPOSED, "/m")
+    registry.use(norm, "norm", AS_IS, "/n2")
+    registry.use(huge, "down_proj.weight", AS_IS, "/d")
     path = tmp_path / "model.onnx_data"
     stored = write_external_data(path, registry)
-    assert [t.offset for t in stored] == [0, ALIGNMENT, 3 * ALIGNMENT]  # 80 KiB at 64 KiB ends past 128 KiB
-    assert stored[0].offset % SMALL_ALIGNMENT == 0
-    assert path.stat().st_size == stored[-1].offset + stored[-1].length
-    for tensor, expected in zip(stored, (small, big, matrix.t()), strict=True):
-        values = read_external(path, to_proto(tensor, "model.onnx_data"))
+    where = {t.entry.name: t for t in stored}
+    assert [t.offset for t in stored] == sorted(t.offset for t in stored)  # file order
+    assert where["big"].offset == 0  # nothing small to put before it
+    assert where["matrix"].offset == where["big"].offset + where["big"].length  # already on a page
+    assert where["small"].offset == _round(where["matrix"].offset + where["matrix"].length, SMALL_ALIGNMENT)
+    assert where["norm"].offset == _round(where["small"].offset + where["small"].length, SMALL_ALIGNMENT)
+    assert where["huge"].offset == _round(where["norm"].offset + where["norm"].length, ALIGNMENT)
+    assert where["matrix"].offset % PAGE == 0
+    assert path.stat().st_size == where["huge"].offset + where["huge"].length
+    for name, expected in (("small", small), ("big", big), ("matrix", matrix.t()), ("norm", norm), ("huge", huge)):
+        values = read_external(path, to_proto(where[name], "model.onnx_data"))
         np.testing.assert_array_equal(values, expected.detach().numpy())
+
+
+def test_small_tensors_fill_alignment_gaps_so_the_file_is_its_unique_bytes():
+    lengths = [5 * 1024 * 1024 + 4, 300, 1200, 4 * 1024 * 1024, 2000, 70_000]
+    offsets = plan_offsets(lengths)
+    spans = sorted(zip(offsets, lengths, strict=True))
+    assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))  # no overlap
+    assert all(o % alignment_for(n) == 0 for o, n in zip(offsets, lengths, strict=True))
+    assert max(offsets[1], offsets[2], offsets[4]) < offsets[3]  # every small one went into the gap before 4 MiB
+    end = max(o + n for o, n in spans)
+    assert end == _round(lengths[0], ALIGNMENT) + lengths[3] + lengths[5]  # so they cost no byte of file
+
+
+def _round(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple

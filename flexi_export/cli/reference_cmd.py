@@ -13,7 +13,7 @@ from flexi_export.cli.app import main
     type=click.Choice(["default", "tiny"]),
     default="default",
     show_default=True,
-    help="'default' (~7M parameters, a few minutes on 2 cores) or 'tiny' (for tests and demo --quick).",
+    help="'default' (10.7M parameters, about 10 minutes on 2 cores) or 'tiny' (for tests and demo --quick).",
 )
 @click.option("--force", is_flag=True, help="Retrain even when a cached model exists.")
 def reference_command(size: str, force: bool) -> None:

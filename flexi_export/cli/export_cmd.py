@@ -48,6 +48,14 @@ from flexi_export.cli.app import main
     "sessions then map them instead of packing on the heap. Specific to this machine's CPU and onnxruntime.",
 )
 @click.option(
+    "--target",
+    type=click.Choice(["portable", "cpu"]),
+    default="portable",
+    show_default=True,
+    help="portable: standard ONNX ops (every runtime); cpu: onnxruntime's fused contrib ops for its CPU provider "
+    "(GroupQueryAttention, SkipSimplifiedLayerNormalization, packed q/k/v and gate/up), faster decoding.",
+)
+@click.option(
     "--opset",
     default=18,
     show_default=True,
@@ -76,6 +84,7 @@ def export_command(
     accuracy_level: int | None,
     quantize_embedding: bool,
     prepack_external: bool,
+    target: str,
     opset: int,
     dense: bool,
     overwrite: bool,
@@ -103,10 +112,11 @@ def export_command(
         accuracy_level=accuracy_level,
         quantize_embedding=quantize_embedding,
         prepack_external=prepack_external,
+        target=target,
     )
     totals = bundle.manifest["totals"]
     kind = "dense (no sharing)" if dense else "shared"
-    click.echo(f"bundle        {bundle.path} ({dtype}, opset {opset}, {kind})")
+    click.echo(f"bundle        {bundle.path} ({dtype}, opset {opset}, {kind}, target {target})")
     click.echo(
         f"initializers  {totals['initializers']} ({totals['shared_initializers']} read by several blocks), "
         f"{totals['parameters']:,} parameters"

@@ -29,6 +29,7 @@ from flexi_export.export.check import check_onnx, check_reference
 from flexi_export.export.clients import client_issues, compatibility, warn_client_issues
 from flexi_export.export.decoder import DecoderGraph, build_decoder
 from flexi_export.export.external_data import external_initializer, write_external_data
+from flexi_export.export.fused import annotate_packs, build_fused_decoder, check_target
 from flexi_export.export.manifest import TOLERANCES, build_manifest, load_manifest, write_manifest
 from flexi_export.export.quant import QUANT_DTYPES, QuantConfig
 from flexi_export.export.quant_reference import agreement, quantized_reference
@@ -59,6 +60,8 @@ class ExportOptions:
     accuracy_level: int | None = None
     quantize_embedding: bool = False
     prepack_external: bool = False
+    #: ``portable`` (standard ops) or ``cpu`` (onnxruntime's fused contrib ops, :mod:`~flexi_export.export.fused`).
+    target: str = "portable"
 
     @property
     def quant(self) -> QuantConfig | None:
@@ -78,6 +81,7 @@ class ExportOptions:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ExportError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
         self._validate_quant()
+        check_target(self.target, self.dtype)
         if not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset not in SUPPORTED_OPSETS:
             raise ExportError(
                 f"unsupported opset {self.opset!r}; supported: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]} "
@@ -134,8 +138,10 @@ def export_onnx(
 
     ``dtype``: ``fp32``, ``fp16``, or ``int8`` / ``int4`` (quantized block matrices, see
     :class:`ExportOptions` for the ``quantization`` keywords: ``block_size``, ``symmetric``,
-    ``accuracy_level``, ``quantize_embedding``, ``prepack_external``). ``dense=True`` gives every executed
-    block its own copy of what it would share (same function, no sharing), for memory and speed comparisons.
+    ``accuracy_level``, ``quantize_embedding``, ``prepack_external``) and ``target`` (``portable``: standard ops;
+    ``cpu``: onnxruntime's fused contrib ops, see :mod:`~flexi_export.export.fused`).
+    ``dense=True`` gives every executed block its own copy of what it would share (same function, no sharing),
+    for memory and speed comparisons.
     ``check`` runs ``onnx.checker`` and replays the reference prompts with onnxruntime before the folder is
     renamed into place. ``source`` describes where the model came from (name, sha256) for the manifest.
     Returns the written :class:`Bundle`.
@@ -147,7 +153,8 @@ def export_onnx(
         spec = read_model(model, dense=dense)
         _check_quantizable(spec, options)
         blocks = _bar(range(len(spec.blocks)), options, "graph", unit="block")
-        graph = build_decoder(spec, options.float_dtype, progress=blocks, quant=options.quant)
+        build = build_fused_decoder if options.target == "cpu" else build_decoder
+        graph = build(spec, options.float_dtype, progress=blocks, quant=options.quant)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             manifest = _write_bundle(tmp, model, tokenizer, spec, graph, options, source)
             if options.prepack_external:
@@ -158,7 +165,7 @@ def export_onnx(
 def _options(
     dtype: str, opset: int, dense: bool, overwrite: bool, check: bool, progress: bool, quantization: dict[str, Any]
 ) -> ExportOptions:
-    known = {"block_size", "symmetric", "accuracy_level", "quantize_embedding", "prepack_external"}
+    known = {"block_size", "symmetric", "accuracy_level", "quantize_embedding", "prepack_external", "target"}
     unknown = sorted(set(quantization) - known)
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {', '.join(unknown)}")
@@ -263,6 +270,8 @@ def _write_bundle(
         inline=[{"name": t.name, "role": "rope.inv_freq", "shape": list(t.dims)} for t in graph.inline],
         quantization=quantization,
     )
+    manifest["target"] = options.target
+    annotate_packs(manifest, graph.registry, spec.names)
     issues = client_issues(model.config, graph.io, options.opset)
     manifest["clients"] = compatibility(issues)
     warn_client_issues(issues)
@@ -314,6 +323,7 @@ def _model_proto(
             "flexi.plan_fingerprint": spec.plan.fingerprint(),
             "flexi.dtype": options.dtype,
             "flexi.dense": str(options.dense).lower(),
+            "flexi.target": options.target,
             "flexi.model_type": spec.dims.model_type,
         },
     )
@@ -323,7 +333,7 @@ def _model_proto(
 def _opset_imports(options: ExportOptions) -> list[onnx.OperatorSetIdProto]:
     """The default domain at ``opset``; int4 bundles also import com.microsoft (MatMulNBits), version 1."""
     imports = [helper.make_opsetid("", options.opset)]
-    if options.dtype == "int4":
+    if options.dtype == "int4" or options.target == "cpu":
         imports.append(helper.make_opsetid("com.microsoft", 1))
     return imports
 

@@ -62,7 +62,7 @@ def quantized_reference(model: nn.Module, spec: ModelSpec, registry: WeightRegis
                 swapped.append((ref, ref.data))
                 ref.data = tensor.to(ref.dtype)
         for module, ref in _quantized_linears(model, spec, values):
-            config = next(e.quant.config for e in registry.entries if e.quant is not None and e.ref is ref)
+            config = next(e.quant.config for e in registry.entries if e.quant is not None and _holds(e.ref, ref))
             merged = isinstance(ref, Derived)  # a dense bundle's own matrix: no adapter path beside it
             module.forward = functools.partial(_forward, module, values[id(ref)][1], _rounding(config), merged)
             patched.append(module)
@@ -72,6 +72,11 @@ def quantized_reference(model: nn.Module, spec: ModelSpec, registry: WeightRegis
             param.data = original
         for module in patched:
             del module.forward  # the instance attribute hid the class's forward
+
+
+def _holds(stored: TensorRef, ref: TensorRef) -> bool:
+    """True when ``stored`` is ``ref`` or a pack with ``ref`` among its parts."""
+    return stored is ref or (isinstance(stored, Derived) and any(p is ref for p in stored.parts))
 
 
 def _dequantized(registry: WeightRegistry) -> dict[int, tuple[TensorRef, torch.Tensor]]:
@@ -86,7 +91,18 @@ def _dequantized(registry: WeightRegistry) -> dict[int, tuple[TensorRef, torch.T
             entry.ref,
             torch.from_numpy(dequantize(quantize(matrix, layout, config), layout, config, matrix.shape[1])),
         )
+        _unpack(entry.ref, out)
     return out
+
+
+def _unpack(ref: TensorRef, out: dict[int, tuple[TensorRef, torch.Tensor]]) -> None:
+    """A packed matrix (``--target cpu``: q/k/v or gate/up stacked by rows) is quantized row by row, so each
+    member's dequantized values are its own rows of the pack: record them under the member too."""
+    start = 0
+    for part in ref.parts if isinstance(ref, Derived) else ():
+        rows = part.shape[0]
+        out[id(part)] = (part, out[id(ref)][1][start : start + rows])
+        start += rows
 
 
 def _quantized_linears(

@@ -41,9 +41,11 @@ class Derived:
     compute: Callable[[], torch.Tensor]
     #: Torch names of the Parameters it is computed from.
     sources: tuple[str, ...]
-    #: ``copy`` (a private copy of ``sources[0]``) or ``lora_merge`` (``W + scaling * B @ A``).
+    #: ``copy`` (a private copy of ``sources[0]``), ``lora_merge`` (``W + scaling * B @ A``) or ``pack``.
     transform: str
     scaling: float | None = None
+    #: For ``transform="pack"`` (``--target cpu``): the tensors concatenated along the output dimension.
+    parts: tuple[nn.Parameter | Derived, ...] = ()
 
 
 #: A tensor to export: one of the model's Parameters, or one the exporter derives (dense mode).

@@ -127,12 +127,15 @@ def _parameter_problems(
         return problems
     # a quantized matrix is stored as parts named after the parameter (``<name>.qweight`` ...)
     quantized = {name: row["source"][0] for name, row in rows.items() if row.get("quantization")}
-    covered = (weights - set(quantized)) | set(quantized.values())
+    # a packed matrix (--target cpu) stands for its member parameters (quantized packs: all of its sources)
+    packed = {name: row["source"] for name, row in rows.items() if row["transform"] == "pack"}
+    covered = (weights - set(quantized) - set(packed)) | set(quantized.values())
+    covered |= {source for sources in packed.values() for source in sources}
     for name in sorted(params - covered):
         problems.append(f"parameter {name} has no initializer")
-    for name in sorted(weights - params - set(quantized)):
+    for name in sorted(weights - params - set(quantized) - set(packed)):
         problems.append(f"initializer {name} is not a parameter of the model")
-    for name in sorted(n for n, source in quantized.items() if source not in params):
+    for name in sorted(n for n, source in quantized.items() if source not in params and n not in packed):
         problems.append(f"{name} quantizes {quantized[name]}, which is not a parameter of the model")
     return problems
 
@@ -151,10 +154,14 @@ def check_duplicates(proto: ModelProto, data_path: Path, manifest: dict[str, Any
             result.problems.append(f"{', '.join(group)} hold the same bytes and are not all declared tensors")
             continue
         # a quantized part is identified by its matrix and its part (two matrices' zero points may be equal)
+        # a pack (--target cpu) is identified by its member parameters (equal zero biases of two packs pass)
         parameters = {
-            (r["source"][0], (r.get("quantization") or {}).get("part"))
+            (
+                tuple(r["source"]) if r["transform"] == "pack" else r["source"][0],
+                (r.get("quantization") or {}).get("part"),
+            )
             for r in declared
-            if r["transform"] == "identity"
+            if r["transform"] in ("identity", "pack")
         }
         if len(parameters) < len(group) and not manifest.get("dense"):
             result.problems.append(f"{', '.join(group)} hold the same bytes but are not distinct parameters (a copy)")
@@ -223,7 +230,15 @@ def expected_tensor(row: dict[str, Any], model: Any) -> Any:
         weight, lora_a, lora_b = sources
         with torch.no_grad():
             return weight.float() + float(row["scaling"]) * (lora_b.float() @ lora_a.float())
+    if row["transform"] == "pack":  # --target cpu: members stacked along the output dimension
+        with torch.no_grad():
+            return torch.cat([expected_tensor(part, model).float() for part in row["parts"]], dim=0)
     raise ValueError(f"unknown transform {row['transform']!r}")
+
+
+def _merged(row: dict[str, Any]) -> bool:
+    """True for a tensor computed by a matmul (compared within rounding, not bit for bit)."""
+    return row["transform"] == "lora_merge" or any(_merged(part) for part in row.get("parts") or [])
 
 
 def check_values(proto: ModelProto, data_path: Path, manifest: dict[str, Any], model: Any) -> CheckResult:
@@ -252,8 +267,8 @@ def check_values(proto: ModelProto, data_path: Path, manifest: dict[str, Any], m
         if _sha256(stored) != row["sha256"]:
             result.problems.append(f"{name}: bytes do not match the manifest sha256")
         diff = float(np.max(np.abs(stored.astype(np.float32) - want.astype(np.float32)))) if want.size else 0.0
-        worst = max(worst, diff if row["transform"] == "lora_merge" else 0.0)
-        exact = row["transform"] != "lora_merge"  # a matmul may round differently with another thread count
+        exact = not _merged(row)  # a matmul may round differently with another thread count
+        worst = max(worst, 0.0 if exact else diff)
         if exact and not np.array_equal(stored, want):
             result.problems.append(f"{name}: values differ from {row['source'][0]} (max |diff| {diff:.3g})")
         elif not exact and not np.allclose(stored, want, rtol=1e-3 if dtype == np.float16 else 1e-5, atol=1e-6):
@@ -285,7 +300,8 @@ def check_ort_optimized(model_path: Path, weights: set[str] | None = None) -> Ch
     kept = {t.name: t for t in optimized.graph.initializer}
     for name in sorted(weights - set(kept)):
         result.problems.append(f"onnxruntime replaced the weight {name} (folded or rewritten)")
-    copies = [t for name, t in kept.items() if name not in weights and _tensor_bytes(t) >= COPY_BYTES]
+    declared = weights | {t.name for t in original.graph.initializer}  # inline tables (RoPE) are not new either
+    copies = [t for name, t in kept.items() if name not in declared and _tensor_bytes(t) >= COPY_BYTES]
     for t in copies:
         result.problems.append(f"onnxruntime created {t.name} {list(t.dims)}: a weight-sized copy")
     result.figures = {"weights": len(weights), "kept": len(weights & set(kept)), "new_weight_sized": len(copies)}

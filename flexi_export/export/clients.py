@@ -4,7 +4,8 @@ The bundle is meant to run unchanged in optimum (``ORTModelForCausalLM``), onnxr
 and onnxruntime's mobile format (``scripts/clients/check_clients.py`` runs all four). Each client assumes
 things about a model that its ONNX graph alone does not tell it; :func:`client_issues` lists, per client, what
 in a bundle's config and I/O the client cannot express, and :func:`warn_client_issues` turns them into
-:class:`ClientCompatibilityWarning` warnings (the export command prints them as ``warning: ...``).
+:class:`ClientCompatibilityWarning` warnings (``flexi-export export`` shows them on stderr) and
+:func:`compatibility` records them in the manifest (``clients``).
 
 What the clients read (optimum-onnx 0.1.0, onnxruntime-genai 0.18.0, transformers.js 4.3.1):
 

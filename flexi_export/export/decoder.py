@@ -90,14 +90,17 @@ def _rope(g: GraphBuilder, spec: ModelSpec) -> tuple[str, str, str, str]:
     return out[0], out[1], out[2], out[3]
 
 
-#   kv index t ∈ [0, P+S), query index q ∈ [P, P+S):  allowed = mask[b, t] and t <= q (and t > q - window)
+#   kv index t ∈ [0, P+S), query index q ∈ [P, P+S):  allowed = mask[b, t] and t <= q
+#     (and, sliding window: n[b, t] > n[b, q] - window, with n = CumSum(mask) the count of real tokens so far)
 #   additive mask = Where(allowed, 0, float32 min)  ─►  [B, 1, 1, S, P+S] (broadcast over kv heads and groups)
 def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | None, str]:
     """Causal + padding masks (one per sliding-window size), indexed like transformers' ``masking_utils``.
 
-    Indices are cache positions, not ``position_ids``: with left padding they differ, and transformers masks
-    by cache index (``causal_mask_function``, ``sliding_window_overlay``). The cache is the full
-    ``past + new`` concatenation, so a sliding-window layer keeps every token and masks the old ones.
+    Causality is by cache index, not ``position_ids`` (transformers' ``causal_mask_function``). The cache is
+    the full ``past + new`` concatenation, so a sliding-window layer keeps every token and masks the old ones.
+    The window counts real tokens (``CumSum`` of the attention mask), not cache slots: with left padding, the
+    only padding transformers generates with, the two are the same; onnxruntime-genai pads a batch on the
+    right, so its padding sits *inside* the cache, and counting slots would let pad slots use up the window.
     """
     name = "/model/attn_mask"
     seq = g.op("Shape", ["input_ids"], f"{name}/SeqLen", start=1, end=2)
@@ -114,12 +117,17 @@ def _attention_masks(g: GraphBuilder, windows: list[int | None]) -> dict[int | N
     padding = g.op("Cast", ["attention_mask"], f"{name}/Padding", to=TensorProto.BOOL)
     padding = g.op("Unsqueeze", [padding, g.ints(1, 2, 3)], f"{name}/Padding/Unsqueeze")  # [B, 1, 1, 1, T]
     masks = {}
+    if any(w is not None for w in windows):
+        count = g.op("CumSum", ["attention_mask", g.const(1, np.int64)], f"{name}/RealTokens")  # [B, T]
+        kv_count = g.op("Unsqueeze", [count, g.ints(1, 2, 3)], f"{name}/RealTokens/Kv")  # [B, 1, 1, 1, T]
+        q_count = g.op("Slice", [count, past, total, g.ints(1)], f"{name}/RealTokens/Slice")  # [B, S]
+        q_count = g.op("Unsqueeze", [q_count, g.ints(1, 2, 4)], f"{name}/RealTokens/Q")  # [B, 1, 1, S, 1]
     for window in windows:
         tag = "full" if window is None else f"window{window}"
         allowed = causal
         if window is not None:
-            start = g.op("Sub", [q_col, g.const(window, np.int64)], f"{name}/{tag}/Start")
-            inside = g.op("Greater", [kv_row, start], f"{name}/{tag}/Inside")
+            start = g.op("Sub", [q_count, g.const(window, np.int64)], f"{name}/{tag}/Start")
+            inside = g.op("Greater", [kv_count, start], f"{name}/{tag}/Inside")  # [B, 1, 1, S, T]
             allowed = g.op("And", [causal, inside], f"{name}/{tag}/And")
         allowed = g.op("And", [padding, allowed], f"{name}/{tag}/Padding/And")  # [B, 1, 1, S, T]
         masks[window] = g.op(

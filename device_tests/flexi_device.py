@@ -100,6 +100,17 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
+    def vocab_size(self) -> int | None:
+        """The logits' last dimension when the graph fixes it (None when symbolic)."""
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        return logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+
+    def kv_bytes(self, batch: int, length: int) -> int:
+        """Bytes of the whole KV cache at ``length`` tokens, from the session's input metadata."""
+        item = np.dtype(self.float_dtype).itemsize
+        return sum(batch * int(i.shape[1]) * length * int(i.shape[3]) * item for i in self.past)
+
+    @property
     def num_layers(self) -> int:
         """Executed blocks (one key and one value cache each)."""
         return len(self.past) // 2
@@ -157,20 +168,26 @@ class OrtDecoder:
 class Bundle:
     """A bundle folder: manifest, graph, data file (``reference.npz`` beside them)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, plain: bool = False) -> None:
+        """``plain``: accept a folder without ``manifest.json`` holding ``model.onnx`` (or ``onnx/model.onnx``)
+        and, when it has one, its ``model.onnx_data``, e.g. an ``optimum-cli export onnx`` output, so that other
+        exporters' models are measured by this same runner (no manifest: onnxruntime's default options)."""
         self.path = Path(path)
         manifest = self.path / "manifest.json"
-        if not manifest.is_file():
+        if manifest.is_file():
+            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        elif plain and (found := _plain_manifest(self.path)) is not None:
+            self.manifest = found
+        else:
             raise SystemExit(f"error: {self.path} is not a flexi-export bundle (manifest.json missing)")
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
         self.model = self.path / self.manifest["files"]["model"]
-        self.data = self.path / self.manifest["files"]["data"]
-        self.io = self.manifest["io"]
+        self.data = self.path / self.manifest["files"]["data"] if self.manifest["files"]["data"] else None
+        self.io = self.manifest.get("io")
         prepacked = self.manifest.get("prepacked") or {}
         self.prepacked_model = self.path / prepacked["model"] if prepacked else None
         self.prepacked_data = self.path / prepacked["data"] if prepacked else None
 
-    def files_for(self, mode: str) -> tuple[Path, Path]:
+    def files_for(self, mode: str) -> tuple[Path, Path | None]:
         """``(graph, weight data file)`` a session in ``mode`` loads (``prepacked``: the saved prepacked model)."""
         if mode != "prepacked":
             return self.model, self.data
@@ -181,6 +198,8 @@ class Bundle:
 
     def kv_bytes(self, batch: int, length: int) -> int:
         """Bytes of the whole KV cache (keys and values of every executed block) at ``length`` tokens."""
+        if self.io is None:
+            raise ValueError(f"{self.path} has no manifest: use OrtDecoder.kv_bytes")
         total = 0
         for spec in self.io["inputs"]:
             if spec["name"].startswith("past_key_values."):
@@ -197,6 +216,16 @@ class Bundle:
             raise ValueError(f"unknown session mode {mode!r}")
         entries = dict(self.manifest.get("session_options", {}).get("config_entries", {}))
         return session_options(disable_prepacking=False, threads=threads, config_entries=entries)
+
+
+def _plain_manifest(folder: Path) -> dict[str, Any] | None:
+    """The ``files`` part of a manifest for a plain ONNX folder, or None when it holds no ``model.onnx``."""
+    for model in (folder / "model.onnx", folder / ONNX_RELATIVE):
+        if model.is_file():
+            data = model.with_name("model.onnx_data")
+            rel = model.relative_to(folder).as_posix()
+            return {"files": {"model": rel, "data": data.relative_to(folder).as_posix() if data.is_file() else None}}
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- replay
@@ -329,8 +358,15 @@ def mapped_residency(data_file: Path) -> dict[str, Any]:
     }
 
 
-def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: int = 128, decode: int = 32) -> dict:
-    """Memory and speed of one session in *this* process (call it in a fresh process: see ``run_fresh``)."""
+def probe(
+    bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: int = 128, decode: int = 32,
+    prefill_runs: int = 1,
+) -> dict:  # fmt: skip
+    """Memory and speed of one session in *this* process (call it in a fresh process: see ``run_fresh``).
+
+    ``prefill_runs`` > 1 repeats the prefill after the decode steps (memory figures are taken before): the first
+    prefill also pays for faulting the weights in, the repeats (``prefill_ms_warm``) time the computation alone.
+    """
     result: dict[str, Any] = {"mode": mode, "threads": threads, "prefill_tokens": prefill, "decode_steps": decode,
                               "platform": platform.platform(), "onnxruntime": _ort_version()}  # fmt: skip
     if not proc_available():
@@ -343,7 +379,7 @@ def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: 
     decoder = OrtDecoder(model, bundle.options(mode, threads))
     result["load_s"] = time.perf_counter() - start
     result["after_load"] = sample()
-    ids = np.random.default_rng(0).integers(3, _vocab_from_io(bundle), size=(1, prefill), dtype=np.int64)
+    ids = np.random.default_rng(0).integers(3, _vocab(bundle, decoder), size=(1, prefill), dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(prefill, dtype=np.int64)[None]
     start = time.perf_counter()
@@ -351,7 +387,7 @@ def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: 
     result["prefill_ms"] = (time.perf_counter() - start) * 1000
     result["logits_bytes"] = int(logits.nbytes)  # the largest activation a prefill returns
     result["after_prefill"] = sample()
-    times = []
+    first, times = logits, []
     for _ in range(decode):
         token = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
@@ -361,13 +397,29 @@ def probe(bundle: Bundle, mode: str = "recommended", threads: int = 2, prefill: 
         times.append(time.perf_counter() - start)
     result["decode_ms_per_token"] = float(np.median(times) * 1000) if times else None
     result["after_decode"] = sample()
-    result["kv_cache_bytes"] = bundle.kv_bytes(1, prefill + decode)
+    result["kv_cache_bytes"] = decoder.kv_bytes(1, prefill + decode)
+    result["prefill_ms_warm"] = _time_prefills(decoder, ids, prefill_runs - 1)
+    result["prefill_top1"] = first[0, -1].argmax().item()  # lets a caller check two exports compute alike
     return result
 
 
-def _vocab_from_io(bundle: Bundle) -> int:
-    logits = next(t for t in bundle.io["outputs"] if t["name"] == "logits")
-    return int(logits["shape"][-1])
+def _time_prefills(decoder: OrtDecoder, ids: np.ndarray, runs: int) -> list[float]:
+    mask, pos, out = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None], []
+    for _ in range(max(0, runs)):
+        start = time.perf_counter()
+        decoder.run(ids, mask, pos)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def _vocab(bundle: Bundle, decoder: OrtDecoder) -> int:
+    """The vocabulary size: from the manifest's I/O, the graph's logits shape, or ``config.json``."""
+    if bundle.io is not None:
+        logits = next(t for t in bundle.io["outputs"] if t["name"] == "logits")
+        return int(logits["shape"][-1])
+    if decoder.vocab_size is not None:
+        return decoder.vocab_size
+    return int(json.loads((bundle.path / "config.json").read_text())["vocab_size"])
 
 
 def _ort_version() -> str:
@@ -397,11 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", type=int, default=128, help="probe: prompt tokens")
     parser.add_argument("--decode", type=int, default=32, help="probe: decode steps")
+    parser.add_argument("--prefill-runs", type=int, default=1, help="probe: prefills to time (the first is cold)")
+    parser.add_argument("--plain", action="store_true", help="probe: accept an ONNX folder without manifest.json")
     parser.add_argument("--no-greedy", action="store_true", help="replay: compare prefill logits only")
     parser.add_argument("--tolerances", default=None, help="replay: JSON tolerances (default: the manifest's)")
     args = parser.parse_args(argv)
     if args.job == "probe":
-        out = probe(Bundle(args.bundle), args.mode, args.threads, args.prefill, args.decode)
+        out = probe(Bundle(args.bundle, args.plain), args.mode, args.threads, args.prefill, args.decode,
+                    args.prefill_runs)  # fmt: skip
     else:
         tolerances = None if args.tolerances is None else json.loads(args.tolerances)
         out = replay(args.bundle, tolerances, args.threads, greedy=not args.no_greedy, mode=args.mode)

@@ -1,0 +1,36 @@
+"""``--target cpu`` bundles in onnxruntime-genai: its right-padded batches, sliding window and int4 included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexi_export.export import export_onnx
+from tests.clients import models
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECK = ROOT / "scripts" / "clients" / "check_clients.py"
+GENAI_PYTHON = ROOT / ".venv-genai" / "bin" / "python"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason="no .venv-genai (scripts/clients/setup_envs.sh genai)"),
+]
+
+
+@pytest.mark.parametrize(("make", "dtype"), [(models.qwen2_tied, "fp32"), (models.mistral_window, "fp32"),
+                                             (models.reference_flexi30, "int4")])  # fmt: skip
+def test_onnxruntime_genai_generates_the_reference_tokens_from_a_cpu_target_bundle(make, dtype, tmp_path):
+    model, tokenizer = make()
+    out = tmp_path / make.__name__
+    export_onnx(model, out, tokenizer=tokenizer, dtype=dtype, target="cpu", progress=False, check=dtype == "fp32")
+    report = tmp_path / "report"
+    command = [sys.executable, str(CHECK), str(out), "--clients", "genai", "--no-setup", "--report", str(report)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    rows = json.loads((report / "clients.json").read_text())
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert rows and all(r["passed"] and r["tokens_identical"] for r in rows), rows

@@ -158,10 +158,12 @@ def block_int8(x: torch.Tensor, block_size: int) -> torch.Tensor:
     blocks = -(-k // block_size)
     padded = F.pad(x, (0, blocks * block_size - k)).reshape(*x.shape[:-1], blocks, block_size)
     amax = padded.abs().amax(dim=-1, keepdim=True)
-    # MLAS multiplies by the inverse scale 127 / absmax (not a division by the scale): a different last bit
-    # moves a few values across a rounding boundary, so the emulation does the same
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    rounded = torch.round(padded * inverse) * (amax / 127.0)
+    scale = amax / 127.0
+    # MLAS computes the scale absmax / 127 and multiplies by its reciprocal 1 / scale (not by 127 / absmax): the
+    # two differ in the last bit, and activations that are exact multiples of a step (a dequantized int4
+    # embedding row) land on rounding ties where that bit decides the code (measured on onnxruntime 1.32)
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    rounded = torch.round(padded * inverse) * scale
     return rounded.reshape(*x.shape[:-1], blocks * block_size)[..., :k]
 
 

@@ -105,16 +105,20 @@ def check_prefill(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], t
     return result
 
 
-def check_decode(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], tol: dict[str, Any]) -> CheckResult:
+def check_decode(
+    decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], tol: dict[str, Any], stepwise: bool = False
+) -> CheckResult:
     """Decoding with a past (length 0 for the first half of the prompt, then > 0 token by token) reproduces the
-    full-sequence PyTorch logits at every step."""
+    full-sequence PyTorch logits at every step. ``stepwise`` (quantized bundles): PyTorch decodes the same steps
+    with its own cache instead, since an int8 bundle quantizes each step's activations with that step's own
+    per-tensor scale (a token's result depends on which tokens share its forward pass)."""
     result = CheckResult("parity: decode with past = full sequence", hint=_HINT)
     worst, agree = 0.0, []
     for case in cases:
         ids, mask = case.input_ids, case.attention_mask
-        full, _, _ = torch_step(model, ids, mask, case.position_ids)
         split = max(1, ids.shape[1] // 2)
         pos = position_ids_from_mask(mask)
+        full = _torch_steps(model, ids, mask, pos, split) if stepwise else torch_step(model, ids, mask, pos)[0]
         logits, present = decoder.run(ids[:, :split], mask[:, :split], pos[:, :split])
         steps = [logits]
         for t in range(split, ids.shape[1]):
@@ -137,6 +141,16 @@ def check_decode(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], to
     return result
 
 
+def _torch_steps(model: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, split: int) -> np.ndarray:
+    """PyTorch logits of the prompt's first ``split`` tokens, then of each further token with the cache."""
+    logits, _, cache = torch_step(model, ids[:, :split], mask[:, :split], pos[:, :split])
+    steps = [logits]
+    for t in range(split, ids.shape[1]):
+        logits, _, cache = torch_step(model, ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1], cache)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
 def check_greedy(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], tol: dict[str, Any]) -> CheckResult:
     """N greedy tokens through the KV cache: identical to PyTorch's (fp32), or top-1 agreement (lower precision)."""
     from flexi_export.export.reference import torch_greedy
@@ -153,9 +167,10 @@ def check_greedy(decoder: OrtDecoder, model: Any, cases: list[ReferenceCase], to
             first = int(np.argwhere(got != want)[0][1])
             result.problems.append(f"{case.name}: greedy tokens differ from PyTorch's from step {first} of {steps}")
     agreement = same / total if total else 1.0
-    if agreement < tol.get("top1_agreement_min", 1.0):
+    bounded = not str(tol.get("greedy_tokens", "")).startswith("not compared")  # quantized: reported only
+    if bounded and agreement < tol.get("top1_agreement_min", 1.0):
         result.problems.append(f"greedy token agreement {agreement:.3f} < {tol['top1_agreement_min']}")
-    result.figures = {"tokens": total, "agreement": agreement}
+    result.figures = {"tokens": total, "agreement": agreement, "bounded": bounded}
     return result
 
 
@@ -170,7 +185,7 @@ def check_against(bundle: str | Path, model: Any, manifest: dict[str, Any], thre
     with same_quantization(model, manifest):
         checks = [
             check_prefill(decoder, model, cases, tol),
-            check_decode(decoder, model, cases, tol),
+            check_decode(decoder, model, cases, tol, stepwise=bool(manifest.get("quantization"))),
             check_greedy(decoder, model, cases, tol),
         ]
     if manifest.get("quantization"):

@@ -89,7 +89,7 @@ def verify(
         with tempfile.TemporaryDirectory(prefix="flexi-verify-dense-") as tmp:
             if dense_bundle is None and model is not None and not manifest.get("dense"):
                 _stage(progress, "exporting the dense model for comparison")
-                dense_bundle, dense_manifest = _export_dense(model, Path(tmp) / "dense")
+                dense_bundle, dense_manifest = _export_dense(model, Path(tmp) / "dense", manifest)
             report.dense_manifest = dense_manifest
             _measure(report, bundle, dense_bundle, threads, progress)
         report.checks += _memory_checks(report, budget_mb)
@@ -103,10 +103,18 @@ def _load(against: str | Path) -> Any:
     return load_source(against).model
 
 
-def _export_dense(model: Any, out: Path) -> tuple[Path, dict[str, Any]]:
+def _export_dense(model: Any, out: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The ``--dense`` export of ``model`` in the bundle's own dtype and quantization (a like-for-like baseline)."""
     from flexi_export.export.exporter import export_onnx
 
-    export_onnx(model, out, dense=True, check=False, progress=False)
+    options: dict[str, Any] = {}
+    quant = manifest.get("quantization")
+    if quant:
+        options["quantize_embedding"] = bool(quant.get("quantize_embedding"))
+        if quant["dtype"] == "int4":
+            options.update(block_size=quant["block_size"], symmetric=quant["symmetric"])
+            options["accuracy_level"] = quant["accuracy_level"]
+    export_onnx(model, out, dtype=manifest["dtype"], dense=True, check=False, progress=False, **options)
     return out, check_integrity(out)
 
 

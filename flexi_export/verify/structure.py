@@ -249,6 +249,7 @@ def check_values(proto: ModelProto, data_path: Path, manifest: dict[str, Any], m
     rows = _rows(manifest)
     dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
     worst = 0.0
+    cache: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name, tensor in external_weights(proto).items():
         row = rows.get(name)
         if row is None:
@@ -258,9 +259,13 @@ def check_values(proto: ModelProto, data_path: Path, manifest: dict[str, Any], m
         except (AttributeError, KeyError, ValueError) as exc:
             result.problems.append(f"{name}: cannot rebuild its source ({exc})")
             continue
+        stored = np.asarray(read_external(data_path, tensor))
+        if row.get("quantization"):
+            problem = _quantized_problem(name, row, expected, stored, manifest, cache)
+            result.problems += [problem] if problem else []
+            continue
         expected = expected.t() if row["layout"] == TRANSPOSED else expected
         want = expected.float().numpy().astype(dtype)
-        stored = np.asarray(read_external(data_path, tensor))
         if stored.shape != want.shape:
             result.problems.append(f"{name}: stored shape {list(stored.shape)}, source {list(want.shape)}")
             continue
@@ -275,6 +280,43 @@ def check_values(proto: ModelProto, data_path: Path, manifest: dict[str, Any], m
             result.problems.append(f"{name}: merged values differ from W + s*B@A (max |diff| {diff:.3g})")
     result.figures = {"compared": len(rows), "max_merge_diff": worst}
     return result
+
+
+def _quantized_problem(
+    name: str,
+    row: dict[str, Any],
+    source: Any,
+    stored: np.ndarray,
+    manifest: dict[str, Any],
+    cache: dict[tuple[str, str], dict[str, np.ndarray]],
+) -> str | None:
+    """A quantized part must be exactly what the exporter's quantizer makes of its source matrix (a merged
+    ``--dense`` matrix: within one quantization step once dequantized, the matmul may round differently)."""
+    from flexi_export.export.quant import QuantConfig, dequantize, quantize
+
+    quant, config = row["quantization"], QuantConfig.from_json(manifest["quantization"])
+    key = (row["source"][0] + row["transform"], quant["layout"])
+    if key not in cache:  # a matrix's parts are consecutive rows: quantize it once for all of them
+        cache.clear()
+        cache[key] = quantize(source.float().numpy(), quant["layout"], config)
+    want = cache[key][quant["part"]]
+    if stored.shape != want.shape:
+        return f"{name}: stored shape {list(stored.shape)}, quantized source {list(want.shape)}"
+    if _sha256(stored) != row["sha256"]:
+        return f"{name}: bytes do not match the manifest sha256"
+    if np.array_equal(stored, want):
+        return None
+    if _merged(row) and quant["part"] == "qweight":
+        k = int(quant["source_shape"][1])
+        parts = {**cache[key], "qweight": stored}
+        ours, theirs = dequantize(parts, quant["layout"], config, k), dequantize(cache[key], quant["layout"], config, k)
+        step = float(np.abs(cache[key]["scales"]).max())
+        if float(np.abs(ours - theirs).max()) <= step * 1.001:
+            return None
+    elif _merged(row) and np.allclose(stored, want, rtol=1e-5, atol=1e-7):
+        return None
+    how = f"{quant['layout']}, {quant['part']}"
+    return f"{name}: differs from {row['source'][0]} quantized as the manifest says ({how})"
 
 
 def check_ort_optimized(model_path: Path, weights: set[str] | None = None) -> CheckResult:

@@ -46,8 +46,6 @@ import bench_report  # noqa: E402
 from bench_runtime import Options, Setting, Target, measure  # noqa: E402
 
 MODEL_SETS = ("reference", "large", "tiny")
-ORT_SETTINGS = (Setting("no-prepack", 1), Setting("no-prepack", 2), Setting("default", 2))
-TORCH_SETTINGS = (Setting(None, 1), Setting(None, 2))
 
 
 def log(message: str) -> None:
@@ -80,18 +78,20 @@ def prepare(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"source": str(source), "checkpoint": str(checkpoint), "exports": exports}
 
 
-def runtime_plan(prepared: dict[str, Any]) -> list[tuple[Target, Setting]]:
-    """Every ORT export in every session setting, PyTorch eager of the dense source and of the Flexi model."""
+def runtime_plan(prepared: dict[str, Any], threads: list[int]) -> list[tuple[Target, Setting]]:
+    """Every ORT export with prepacking off at each thread count and with onnxruntime's defaults at the largest;
+    PyTorch eager of the dense source and of the Flexi model at each thread count."""
+    ort_settings = [*(Setting("no-prepack", t) for t in threads), Setting("default", max(threads))]
     exports = prepared["exports"]
     targets = [Target(label, Path(exports[label]["path"])) for label in ("flexi", "dense", "dense_source")]
     if "optimum" in exports:
         targets.append(Target("optimum", Path(exports["optimum"]["path"]), plain=True))
-    plan = [(t, s) for t in targets for s in ORT_SETTINGS]
+    plan = [(t, s) for t in targets for s in ort_settings]
     torch_targets = [
         Target("torch_dense", Path(prepared["source"]), "torch"),
         Target("torch_flexi", Path(prepared["checkpoint"]), "torch"),
     ]
-    return plan + [(t, s) for t in torch_targets for s in TORCH_SETTINGS]
+    return plan + [(t, s) for t in torch_targets for s in (Setting(None, t) for t in threads)]
 
 
 def storage(prepared: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.models:
         prepared = prepare(name, args)
         log(f"{name}: runtime ({args.repeats} fresh-process runs per cell)")
-        cells = measure(runtime_plan(prepared), opts, progress=log)
+        cells = measure(runtime_plan(prepared, args.threads), opts, progress=log)
         runtime = {f"{target}|{setting}": cell for (target, setting), cell in cells.items()}
         result["models"][name] = {**prepared, "storage": storage(prepared), "runtime": runtime}
     result["raw_runs"] = opts.raw
@@ -234,6 +234,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens")
     p.add_argument("--decode", type=int, default=32, help="decode steps per run (median ms/token)")
     p.add_argument("--prefill-runs", type=int, default=3, help="prefills per process (the first is cold)")
+    p.add_argument("--threads", default="1,2", help="intra-op thread counts (comma-separated)")
     p.add_argument("--ratio", type=float, default=0.3, help="Flexi compression ratio")
     p.add_argument("--optimum-venv", type=Path, default=ROOT / ".venv-optimum")
     p.add_argument("--no-optimum", dest="optimum", action="store_false", help="leave optimum's export out")
@@ -246,6 +247,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        args.threads = sorted({int(t) for t in args.threads.split(",") if t.strip()})
+    except ValueError:
+        p.error("--threads takes comma-separated integers")
+    if not args.threads or min(args.threads) < 1:
+        p.error("--threads needs at least one count >= 1")
     unknown = [m for m in args.models if m not in MODEL_SETS]
     if unknown or not args.models or args.repeats < 1 or args.prefill < 1 or args.decode < 1 or args.prefill_runs < 1:
         p.error(f"--models from {', '.join(MODEL_SETS)}; --repeats/--prefill/--decode/--prefill-runs >= 1")

@@ -60,6 +60,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 COMMON = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=2048)
 RECORD = ".bench-export.json"
+#: Random models' Flexi plans use the randomised SVD above this dimension (see build_flexi_random).
+RANDOMISED_FROM = 128
 
 
 def key(*parts: Any) -> str:
@@ -230,7 +232,7 @@ def build_flexi_random(source: Path, ratio: float, out: Path, seed: int = 0) -> 
     import torch
 
     from flexi_export.checkpoint import save_flexi
-    from flexi_export.compress.choose import distance_matrix
+    from flexi_export.compress.choose import block_matrices, svd_residual_distance
     from flexi_export.compress.influence import block_influence
     from flexi_export.compress.init import initial_values
     from flexi_export.compress.planner import PlanOptions, make_plan
@@ -246,11 +248,15 @@ def build_flexi_random(source: Path, ratio: float, out: Path, seed: int = 0) -> 
     options = PlanOptions(ratio=ratio)
 
     def distances(pruned: list[int], kept: list[int]) -> dict[int, dict[int, float]]:
-        return distance_matrix(src.model, pruned, kept, options.rank, options.targets, progress=False)
+        # the library's distance with the randomised SVD at every size (exact SVDs of 1024 x 2816 matrices take
+        # minutes on 2 cores; a random model's distances carry no information worth them)
+        mats = {b: block_matrices(src.model, b) for b in {*pruned, *kept}}
+        return {i: {j: svd_residual_distance(mats[i], mats[j], options.rank, options.targets, RANDOMISED_FROM)
+                    for j in kept} for i in pruned}  # fmt: skip
 
     info = SourceInfo(src.model.config.model_type, dims.num_blocks)
     plan = make_plan(info, dims, scores, options, distances, {"calibration": "random tokens (bench)"}).plan
-    values = initial_values(src.model, plan, calib, progress=False)
+    values = initial_values(src.model, plan, calib, exact_max_dim=RANDOMISED_FROM, progress=False)
     save_flexi(build_flexi(src.model, plan, init=values), out, overwrite=True)
 
 

@@ -18,7 +18,11 @@ LABELS = {
     "torch_flexi": "PyTorch eager, Flexi model",
     "dense_source_nocheck": "dense, ours, `--no-check`",
 }
-DECODE_SETTINGS = ("no-prepack/1t", "no-prepack/2t")
+
+
+def most_threads(result: dict[str, Any]) -> int:
+    """The largest thread count of the run (memory is reported there)."""
+    return max(result["settings"]["threads"])
 
 
 def mib(n: float | None) -> str:
@@ -62,7 +66,7 @@ def _storage_goal(model: str, body: dict[str, Any]) -> list[dict]:
 
 
 def _resident_goal(result: dict[str, Any], model: str, body: dict[str, Any]) -> list[dict]:
-    flexi, dense = (cell(result, model, t, "no-prepack/2t") for t in ("flexi", "dense"))
+    flexi, dense = (cell(result, model, t, f"no-prepack/{most_threads(result)}t") for t in ("flexi", "dense"))
     s = body["storage"]
     unique = s["flexi"]["unique_weight_bytes"] / s["dense"]["unique_weight_bytes"]
     if not flexi or not dense or "weights_pss" not in flexi.get("after_decode", {}):
@@ -84,7 +88,7 @@ def _resident_goal(result: dict[str, Any], model: str, body: dict[str, Any]) -> 
 
 def _speed_goals(result: dict[str, Any], model: str) -> list[dict]:
     rows = []
-    for setting in DECODE_SETTINGS:
+    for setting in (f"no-prepack/{t}t" for t in result["settings"]["threads"]):
         flexi, dense, ours, optimum = (
             cell(result, model, t, setting) for t in ("flexi", "dense", "dense_source", "optimum")
         )
@@ -180,7 +184,8 @@ def memory_md(result: dict[str, Any]) -> list[str]:
         "## Runtime memory (Flexi bundles)",
         "",
         *_header(result, f"{st['repeats']} fresh processes per row (medians)"),
-        f"Each row: a fresh process (`device_tests/flexi_device.py probe`), 2 intra-op threads, a {st['prefill']}"
+        f"Each row: a fresh process (`device_tests/flexi_device.py probe`), {most_threads(result)} intra-op threads, "
+        f"a {st['prefill']}"
         f"-token prefill and {st['decode']} greedy decode steps. MiB of the whole process: VmHWM (peak), RssAnon "
         "(heap), PSS; *weights* = PSS of the mappings of the external data file (our bundles; optimum's weights "
         "are inside `model.onnx`, read into the heap). Baseline = the process just before the session is "
@@ -194,7 +199,7 @@ def memory_md(result: dict[str, Any]) -> list[str]:
     ]
     for model in result["models"]:
         for target in ("flexi", "dense", "dense_source", "optimum"):
-            for setting in ("no-prepack/2t", "default/2t"):
+            for setting in (f"no-prepack/{most_threads(result)}t", f"default/{most_threads(result)}t"):
                 c = cell(result, model, target, setting)
                 if not c or "after_load" not in c:
                     continue

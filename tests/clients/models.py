@@ -6,6 +6,8 @@
   head_dim 80, tied embeddings) under the golden 30% plan (``graphs/golden/reference-flexi-30.plan.json``),
   random weights, with a 1024-token tokenizer trained on the reference corpus in a fraction of a second; CI does
   not need the 10-minute reference training. (The real trained model's export is checked by hand: docs/clients.md.)
+- ``mistral_window``: tests.helpers' tiny Mistral (sliding window 8, shorter than the 16-token reference prompts)
+  under the mixed Flexi plan: the window must hold when a client pads a batch on the right (onnxruntime-genai).
 - ``llama_wide_heads``: a tiny Llama whose head_dim (32) is not hidden / heads (16): a bundle optimum cannot run.
 
 Seeds and initializer ranges are chosen so that greedy decoding is decisive (:func:`greedy_margin`: no step's
@@ -58,6 +60,12 @@ def reference_flexi30() -> tuple[PreTrainedModel, Any]:
     torch.manual_seed(1)
     source = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     return randomize_own(build_flexi(source, BlockPlan.load(GOLDEN_PLAN)), seed=1), tok
+
+
+def mistral_window() -> tuple[PreTrainedModel, Any]:
+    """The tiny Mistral (sliding window 8) under the mixed Flexi plan, and its tokenizer."""
+    model = build_flexi(tiny_model("mistral", seed=19), mixed_plan("mistral", ofn="layernorm"))
+    return randomize_own(model, seed=19), tokenizer(320, 100_000)
 
 
 def llama_wide_heads() -> tuple[PreTrainedModel, Any]:

@@ -334,6 +334,22 @@ def snapshot(data_file: Path | None = None) -> dict[str, Any]:
     return out
 
 
+#: Heap allowed per stored byte of an int4 weight onnxruntime prepacks (MLAS keeps per-block sums beside the
+#: codes; a dequantized float copy would be 8x).
+PACKED_FACTOR = 2
+
+
+def prepacked_bytes(manifest: dict[str, Any]) -> int:
+    """Stored bytes of the weights onnxruntime packs onto the heap under the manifest's session options: those
+    read only by ``MatMulNBits`` (int4) when prepacking is on. Their mapped pages are released after packing, so
+    they count against the heap, not against the data file's residency. 0 for every other bundle."""
+    entries = manifest.get("session_options", {}).get("config_entries", {})
+    if entries.get("session.disable_prepacking") == "1":
+        return 0
+    rows = manifest.get("initializers", [])
+    return sum(r["bytes"] for r in rows if r["consumers"] and all(c.endswith("/MatMulNBits") for c in r["consumers"]))
+
+
 def mapped_residency(data_file: Path) -> dict[str, Any]:
     """Rss and Pss summed over the mappings of ``data_file``, with each mapping's file offset and size."""
     target = str(data_file.resolve())

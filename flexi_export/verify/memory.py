@@ -20,15 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flexi_export.verify.runtime import run_fresh
+from flexi_export.verify.runtime import device, run_fresh
 from flexi_export.verify.structure import CheckResult
 
 MiB = 1 << 20
+#: Heap allowed per stored byte of a prepacked int4 weight (``flexi_device.PACKED_FACTOR``).
+PACKED_FACTOR = device.PACKED_FACTOR
 #: onnxruntime's own heap besides KV cache and activations (session state, kernels, ~5 KiB per graph node,
 #: allocator arenas); measured 2-4 MiB on the reference model, so this catches any weight-sized copy.
 ALLOWANCE = 32 * MiB
-#: Heap allowed per stored byte of an int4 weight that onnxruntime prepacks (see :func:`prepacked_bytes`).
-PACKED_FACTOR = 2
 #: Live activation buffers assumed during a prefill (of the widest dimension), beside the logits.
 ACTIVATION_BUFFERS = 8
 
@@ -50,15 +50,8 @@ def weight_bytes(manifest: dict[str, Any]) -> dict[str, int]:
 
 
 def prepacked_bytes(manifest: dict[str, Any]) -> int:
-    """Stored bytes of the int4 weights onnxruntime packs onto the heap under the manifest's session options
-    (read only by ``MatMulNBits`` with prepacking on): their mapped pages are released after packing, so they
-    count against the heap, not the file's residency. 0 for every other bundle."""
-    entries = manifest.get("session_options", {}).get("config_entries", {})
-    if entries.get("session.disable_prepacking") == "1":
-        return 0
-    rows = manifest["initializers"]
-    packed = [r for r in rows if r["consumers"] and all(c.endswith("/MatMulNBits") for c in r["consumers"])]
-    return sum(r["bytes"] for r in packed)
+    """Stored bytes of the int4 weights onnxruntime packs onto the heap (``flexi_device.prepacked_bytes``)."""
+    return int(device.prepacked_bytes(manifest))
 
 
 def activation_bytes(manifest: dict[str, Any], prefill: int, total: int) -> int:

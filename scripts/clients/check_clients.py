@@ -125,13 +125,17 @@ def build_job(bundle: Path, threads: int) -> dict[str, Any]:
 def expected_greedy(bundle: Path, cases: list[Any], threads: int) -> tuple[str, list[Any]]:
     """The tokens a client must produce: the PyTorch model's (``reference.npz``) when the manifest holds the bundle
     to them (fp32), else onnxruntime's own greedy run of the bundle (fp16 and quantized bundles may flip
-    near-ties against torch, but every client runs the same graph and must agree with onnxruntime)."""
-    from flexi_export.verify.runtime import OrtDecoder
+    near-ties against torch, but every client runs the same graph and must agree with onnxruntime).
+
+    onnxruntime runs with its default options, prepacking on, as every client does: int4 ``MatMulNBits`` with
+    ``accuracy_level`` 4 computes with int8 activations only on prepacked weights, so prepacking changes an int4
+    bundle's logits (enough to flip greedy steps of a random-weight model)."""
+    from flexi_export.verify.runtime import OrtDecoder, session_options
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest.get("tolerances", {}).get("greedy_tokens") == "identical":
         return "torch", [c.greedy for c in cases]
-    decoder = OrtDecoder(bundle, threads=threads)
+    decoder = OrtDecoder(bundle, session_options(disable_prepacking=False, threads=threads))
     steps = NEW_TOKENS
     return "onnxruntime", [decoder.greedy(c.input_ids, c.attention_mask, steps, c.position_ids)[1] for c in cases]
 

@@ -69,8 +69,8 @@ def run_ort(ort_model: Path, style: str, job: dict[str, Any], onnx_logits: dict[
     from flexi_export.verify.runtime import OrtDecoder, ReferenceCase, compare_prefill, session_options
 
     entries = {"session.enable_saved_runtime_optimizations": "1"} if style == "Runtime" else None
-    with Stopwatch() as load:
-        decoder = OrtDecoder(ort_model, session_options(True, job["threads"], config_entries=entries))
+    with Stopwatch() as load:  # onnxruntime's default options (prepacking on), as an app on the device runs it
+        decoder = OrtDecoder(ort_model, session_options(False, job["threads"], config_entries=entries))
     variant: dict[str, Any] = {"name": style, "loads": True, "load_seconds": load.seconds, "cases": [], "logits": []}
     variant["ort_bytes"] = ort_model.stat().st_size
     for case, (ids, mask, pos, logits_onnx) in zip(job["cases"], onnx_logits.values(), strict=True):
@@ -88,9 +88,10 @@ def onnx_reference(bundle: Path, job: dict[str, Any]) -> dict[str, Any]:
     """The ``.onnx`` model's prefill logits per case (what the ``.ort`` models must reproduce)."""
     import numpy as np
 
-    from flexi_export.verify.runtime import OrtDecoder, position_ids_from_mask
+    from flexi_export.verify.runtime import OrtDecoder, position_ids_from_mask, session_options
 
-    decoder = OrtDecoder(bundle, threads=job["threads"])
+    # the same options as the .ort models (prepacking changes int4 MatMulNBits results: see check_clients.py)
+    decoder = OrtDecoder(bundle, session_options(False, job["threads"]))
     out = {}
     for case in job["cases"]:
         ids = np.asarray(case["input_ids"], dtype=np.int64)

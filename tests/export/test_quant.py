@@ -62,36 +62,6 @@ def _ort_vs_reference(bundle, model, config_json, batch=2, length=7, seed=1):
 
 
 # ------------------------------------------------------------------------------------------ the quantizer
-@pytest.mark.parametrize(("symmetric", "block", "k"), [(True, 32, 64), (False, 16, 64), (True, 32, 40)])
-def test_int4_parts_are_what_matmulnbits_reads(symmetric, block, k):
-    """The packed parts, run by onnxruntime's MatMulNBits (fp32 compute), equal x @ dequantize(W)^T, and
-    dequantize(W) is within one quantization step of W."""
-    rng = np.random.default_rng(0)
-    n = 48
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    config = QuantConfig("int4", block, symmetric, 0)
-    parts = quantize(w, NBITS, config)
-    deq = dequantize(parts, NBITS, config, k)
-    step = np.repeat(np.abs(parts["scales"]), block, axis=1)[:, :k]
-    assert np.all(np.abs(deq - w) <= step * 1.0001)
-    inputs = ["x", "qweight", "scales"] + (["zero_points"] if not symmetric else [])
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=4,
-                            block_size=block, accuracy_level=0)  # fmt: skip
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(parts[name], name) for name in inputs[1:]],
-    )
-    proto = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    )
-    x = rng.standard_normal((3, k)).astype(np.float32)
-    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, x @ deq.T, atol=1e-4, rtol=1e-4)
-
-
 def _matmul_nbits_session(parts: dict[str, np.ndarray], k: int, n: int, block: int, level: int, rows: int):
     inputs = ["x", *parts]
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=4,
@@ -106,6 +76,24 @@ def _matmul_nbits_session(parts: dict[str, np.ndarray], k: int, n: int, block: i
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     proto = helper.make_model(graph, opset_imports=opsets)
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("symmetric", "block", "k"), [(True, 32, 64), (False, 16, 64), (True, 32, 40)])
+def test_int4_parts_are_what_matmulnbits_reads(symmetric, block, k):
+    """The packed parts, run by onnxruntime's MatMulNBits (fp32 compute), equal x @ dequantize(W)^T, and
+    dequantize(W) is within one quantization step of W."""
+    rng = np.random.default_rng(0)
+    n = 48
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    config = QuantConfig("int4", block, symmetric, 0)
+    parts = quantize(w, NBITS, config)
+    deq = dequantize(parts, NBITS, config, k)
+    step = np.repeat(np.abs(parts["scales"]), block, axis=1)[:, :k]
+    assert np.all(np.abs(deq - w) <= step * 1.0001)
+    assert ("zero_points" in parts) == (not symmetric)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = _matmul_nbits_session(parts, k, n, block, 0, 3).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ deq.T, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -235,6 +223,20 @@ def test_prepack_saves_one_packed_blob_per_shared_matrix_and_the_prepacked_model
     assert packed_shared and all(len(section["blobs"][n]) == 1 for n in packed_shared)
     report = device.replay(copy, mode="prepacked", threads=1, greedy=False)
     assert not report["problems"], report["problems"]
+
+
+def test_prepack_command_writes_the_prepacked_model_and_refuses_a_non_bundle(int4_mixed, tmp_path):
+    import shutil
+
+    _, bundle = int4_mixed
+    copy = tmp_path / "b"
+    shutil.copytree(bundle.path, copy)
+    result = CliRunner().invoke(main, ["prepack", str(copy), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "prepacked" in result.output and (copy / "onnx" / "model.prepacked.onnx").is_file()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["prepack", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "manifest.json is missing" in result.output
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

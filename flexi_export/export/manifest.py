@@ -86,7 +86,9 @@ def session_options(dtype: str) -> dict[str, Any]:
     if dtype == "int8":
         options["why"] += (
             " int8: MatMulInteger reads the int8 weight as stored, from the mapped file (one copy, a quarter of "
-            "fp32); prepacking would add a packed heap copy per weight for faster integer GEMMs."
+            "fp32). With prepacking on, onnxruntime moves that one copy to the heap in a packed layout (faster "
+            "integer GEMMs on large matrices; `flexi-export prepack` saves the packed copy as mapped external data "
+            "instead); see docs/export.md, 'Why int8 is MatMulInteger'."
         )
     if dtype == "fp16":
         options["note"] = (

@@ -339,15 +339,20 @@ def snapshot(data_file: Path | None = None) -> dict[str, Any]:
 PACKED_FACTOR = 2
 
 
-def prepacked_bytes(manifest: dict[str, Any]) -> int:
+def prepacked_bytes(manifest: dict[str, Any], released_only: bool = False) -> int:
     """Stored bytes of the weights onnxruntime packs onto the heap under the manifest's session options: those
-    read only by ``MatMulNBits`` (int4) when prepacking is on. Their mapped pages are released after packing, so
-    they count against the heap, not against the data file's residency. 0 for every other bundle."""
+    read by ``MatMulNBits`` (int4) when prepacking is on. ``released_only``: only those read by nothing else,
+    whose mapped pages onnxruntime releases after packing (a tied int4 table is also gathered from the file), so
+    they count against the heap and not against the data file's residency. 0 for every other bundle."""
     entries = manifest.get("session_options", {}).get("config_entries", {})
     if entries.get("session.disable_prepacking") == "1":
         return 0
-    rows = manifest.get("initializers", [])
-    return sum(r["bytes"] for r in rows if r["consumers"] and all(c.endswith("/MatMulNBits") for c in r["consumers"]))
+    total = 0
+    for row in manifest.get("initializers", []):
+        packed = [c.endswith("/MatMulNBits") for c in row["consumers"]]
+        if any(packed) and (all(packed) or not released_only):
+            total += row["bytes"]
+    return total
 
 
 def mapped_residency(data_file: Path) -> dict[str, Any]:

@@ -46,12 +46,13 @@ def weight_bytes(manifest: dict[str, Any]) -> dict[str, int]:
     a table read only by Gather is touched only at the rows of the tokens seen)."""
     rows = manifest["initializers"]
     read = sum(r["bytes"] for r in rows if any(c.rsplit("/", 1)[-1] != "Gather" for c in r["consumers"]))
-    return {"unique": sum(r["bytes"] for r in rows), "matmul_read": read, "prepacked": prepacked_bytes(manifest)}
+    released = prepacked_bytes(manifest, released_only=True)
+    return {"unique": sum(r["bytes"] for r in rows), "matmul_read": read, "prepacked": released}
 
 
-def prepacked_bytes(manifest: dict[str, Any]) -> int:
+def prepacked_bytes(manifest: dict[str, Any], released_only: bool = False) -> int:
     """Stored bytes of the int4 weights onnxruntime packs onto the heap (``flexi_device.prepacked_bytes``)."""
-    return int(device.prepacked_bytes(manifest))
+    return int(device.prepacked_bytes(manifest, released_only))
 
 
 def activation_bytes(manifest: dict[str, Any], prefill: int, total: int) -> int:

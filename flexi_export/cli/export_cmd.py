@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import click
 
 from flexi_export.cli.app import main
@@ -98,22 +103,23 @@ def export_command(
     from flexi_export.export import export_folder
     from flexi_export.table import human_bytes
 
-    bundle = export_folder(
-        source,
-        out,
-        dtype=dtype,
-        opset=opset,
-        dense=dense,
-        overwrite=overwrite,
-        check=not no_check,
-        progress=not quiet,
-        block_size=block_size,
-        symmetric=not asymmetric,
-        accuracy_level=accuracy_level,
-        quantize_embedding=quantize_embedding,
-        prepack_external=prepack_external,
-        target=target,
-    )
+    with _client_warnings_as_lines():
+        bundle = export_folder(
+            source,
+            out,
+            dtype=dtype,
+            opset=opset,
+            dense=dense,
+            overwrite=overwrite,
+            check=not no_check,
+            progress=not quiet,
+            block_size=block_size,
+            symmetric=not asymmetric,
+            accuracy_level=accuracy_level,
+            quantize_embedding=quantize_embedding,
+            prepack_external=prepack_external,
+            target=target,
+        )
     totals = bundle.manifest["totals"]
     kind = "dense (no sharing)" if dense else "shared"
     click.echo(f"bundle        {bundle.path} ({dtype}, opset {opset}, {kind}, target {target})")
@@ -144,3 +150,22 @@ def export_command(
         prepacked = bundle.manifest["prepacked"]
         click.echo(f"prepacked     {prepacked['model']} ({human_bytes(prepacked['data_bytes'])}, onnxruntime "
                    f"{prepacked['onnxruntime']})")  # fmt: skip
+
+
+@contextmanager
+def _client_warnings_as_lines() -> Iterator[None]:
+    """Show the exporter's client-compatibility warnings as one ``warning: ...`` line each on stderr (not Python's
+    ``file:line: Category: message`` form); other warnings keep their usual format."""
+    from flexi_export.export.clients import ClientCompatibilityWarning
+
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, ClientCompatibilityWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                original(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield

@@ -78,3 +78,13 @@ def test_help_lists_every_option():
     for option in ("--out", "--dtype", "--opset", "--dense", "--overwrite", "--no-check", "--quiet"):
         assert option in result.output
     assert "FLEXI_OR_HF_DIR" in result.output
+
+
+def test_a_client_warning_is_one_warning_line_on_stderr(tmp_path):
+    folder = tmp_path / "hd32"
+    tiny_model("llama", head_dim=32).save_pretrained(folder)  # hidden 64 / 4 heads = 16: optimum cannot run it
+    result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "b"), "--quiet", "--no-check"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "optimum" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: optimum cannot run this bundle"), result.stderr
+    assert "ClientCompatibilityWarning" not in result.stderr and ".py:" not in result.stderr

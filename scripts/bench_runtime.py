@@ -115,13 +115,23 @@ def measure(
         for target, setting in plan:
             run = (torch_probe if target.kind == "torch" else ort_probe)(target, setting, opts)
             runs.setdefault((target.name, setting.label), []).append(run)
-            opts.raw.append({"target": target.name, "setting": setting.label, "repeat": repeat, **run})
+            opts.raw.append({"target": target.name, "setting": setting.label, "repeat": repeat, **_brief(run)})
             done += 1
             progress(
                 f"  [{done}/{total}] {target.name} {setting.label}: prefill {run['prefill_ms']:.1f} ms, "
                 f"decode {run['decode_ms_per_token']:.2f} ms/token ({time.perf_counter() - start:.0f} s)"
             )
     return {cell: summarize(found) for cell, found in runs.items()}
+
+
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    """A run without the per-mapping residency lists (hundreds of rows per snapshot; the sums stay)."""
+    out = dict(run)
+    for stage in STAGES:
+        weights = (out.get(stage) or {}).get("weights")
+        if weights:
+            out[stage] = {**out[stage], "weights": {k: v for k, v in weights.items() if k != "by_offset"}}
+    return out
 
 
 def _median(values: Iterable[float | None]) -> float | None:

@@ -129,7 +129,16 @@ def _cached(out: Path, make: Any) -> dict[str, Any]:
     (tmp / RECORD).write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    _drop_stale(out)
     return {**result, "cached": False, "path": str(out)}
+
+
+def _drop_stale(out: Path) -> None:
+    """Delete the same artifact made under other keys (older code or inputs): a 1B export is GBs."""
+    stem = out.name.rsplit("-", 1)[0]
+    for other in out.parent.iterdir():
+        if other != out and other.is_dir() and other.name.rsplit("-", 1)[0] == stem:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def python_step(args: list[str], log: Path) -> dict[str, Any]:

@@ -158,6 +158,11 @@ def test_cache_keys_follow_the_inputs(tmp_path: Path) -> None:
     first = bench_models._cached(tmp_path / "art", make)
     again = bench_models._cached(tmp_path / "art", make)
     assert len(made) == 1 and not first["cached"] and again["cached"] and again["wall_s"] == 1.0
+    # a rebuild under a new key drops the same artifact's older keys, never another artifact's
+    (tmp_path / "exp-old").mkdir()
+    (tmp_path / "exp-other-old").mkdir()
+    bench_models._cached(tmp_path / "exp-new", make)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("exp")) == ["exp-new", "exp-other-old"]
 
 
 def test_probe_runs_a_plain_onnx_folder(tmp_path: Path) -> None:

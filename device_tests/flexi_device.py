@@ -355,8 +355,19 @@ def prepacked_bytes(manifest: dict[str, Any], released_only: bool = False) -> in
     return total
 
 
+def _covered(maps: list[dict[str, int]]) -> int:
+    """Bytes of the file covered by the mappings: small tensors packed together are mapped by several mappings
+    that share pages, which are resident once (their Pss is split between the mappings)."""
+    total, end = 0, 0
+    for offset, size in sorted((m["offset"], m["size"]) for m in maps):
+        total += max(0, offset + size - max(offset, end))
+        end = max(end, offset + size)
+    return total
+
+
 def mapped_residency(data_file: Path) -> dict[str, Any]:
-    """Rss and Pss summed over the mappings of ``data_file``, with each mapping's file offset and size."""
+    """Rss and Pss summed over the mappings of ``data_file`` (``mapped``: the file bytes they cover, each page
+    once), with each mapping's file offset and size."""
     target = str(data_file.resolve())
     maps: list[dict[str, int]] = []
     current: dict[str, int] | None = None
@@ -372,7 +383,7 @@ def mapped_residency(data_file: Path) -> dict[str, Any]:
             current[head[0][:-1].lower()] = int(head[1]) * 1024
     return {
         "mappings": len(maps),
-        "mapped": sum(m["size"] for m in maps),
+        "mapped": _covered(maps),
         "rss": sum(m["rss"] for m in maps),
         "pss": sum(m["pss"] for m in maps),
         "by_offset": sorted((m["offset"], m["size"], m["rss"], m["pss"]) for m in maps),

@@ -109,7 +109,7 @@ def check_residency(manifest: dict[str, Any], probed: dict[str, Any]) -> CheckRe
         return result
     weights = probed["after_decode"]["weights"]
     sizes = weight_bytes(manifest)
-    mapped = weights["mapped"]  # page-rounded: a 1 KiB norm still occupies one 4 KiB page
+    mapped = weights["mapped"]  # the file pages the weights cover, each once
     # prepacked int4 weights are on the heap (checked there), their file pages released after packing
     lower, upper = 0.95 * (sizes["matmul_read"] - sizes["prepacked"]), 1.05 * max(mapped, sizes["unique"])
     result.figures = {"pss": weights["pss"], "rss": weights["rss"], "mapped": mapped, "mappings": weights["mappings"],
@@ -133,8 +133,9 @@ def check_sharing_ratio(
 ) -> CheckResult:
     """Flexi/dense resident weight bytes within 5% of Flexi/dense unique weight bytes.
 
-    Residency is page-granular (a 1 KiB norm occupies a 4 KiB page), so the unique bytes compared are the
-    page-rounded sizes of the weights' mappings; on real models the two ratios are the same to 0.1%.
+    Residency is page-granular, so the unique bytes compared are the file bytes the weights' mappings cover
+    (whole pages, each counted once: small tensors packed together share pages); on real models the two ratios
+    are the same to 0.1%.
     """
     result = CheckResult(
         "memory: sharing is real in RAM (Flexi / dense)",
@@ -150,7 +151,7 @@ def check_sharing_ratio(
     result.figures = {"unique_ratio": unique, "resident_ratio": resident, "unique_bytes_ratio": exact}
     if abs(resident / unique - 1) > 0.05:
         result.problems.append(
-            f"resident weight ratio {resident:.3f} is not within 5% of the page-rounded unique-bytes ratio {unique:.3f}"
+            f"resident weight ratio {resident:.3f} is not within 5% of the mapped unique-bytes ratio {unique:.3f}"
         )
     return result
 

@@ -19,8 +19,21 @@ def _demo(out: Path, cache: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "FLEXI_EXPORT_CACHE": str(cache)}
     command = [sys.executable, "-m", "flexi_export", "demo", "--quick", "--out", str(out), *args]
     return subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a CI runner may start the suite in the background with SIGINT ignored, which children inherit (and then
+        # Python installs no KeyboardInterrupt handler): give the demo the default Ctrl-C behaviour of a terminal
+        preexec_fn=_default_sigint,
+        **kwargs,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")

@@ -75,15 +75,8 @@ def linear(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> 
     if spec.bias is not None:
         b = g.registry.use(spec.bias, f"{spec.role}.bias", AS_IS, f"{name}/Add", block)
         y = g.op("Add", [y, b], f"{name}/Add")
-    if spec.lora_a is not None and spec.lora_b is not None:
-        a = g.registry.use(spec.lora_a, f"{spec.role}.lora_A", TRANSPOSED, f"{name}/lora_A/MatMul", block)
-        b = g.registry.use(spec.lora_b, f"{spec.role}.lora_B", TRANSPOSED, f"{name}/lora_B/MatMul", block)
-        low = g.op("MatMul", [x, a], f"{name}/lora_A/MatMul")
-        delta = g.op("MatMul", [low, b], f"{name}/lora_B/MatMul")
-        # scaling is a separate constant so the stored lora_B equals the trained tensor exactly; x * 1.0 is exact,
-        # so alpha = rank needs no node (each node costs onnxruntime ~5 KiB of heap and a kernel launch)
-        if spec.scaling != 1.0:
-            delta = g.op("Mul", [delta, g.fconst(spec.scaling)], f"{name}/lora/Mul")
+    delta = lora_delta(g, x, spec, name, block)
+    if delta is not None:
         y = g.op("Add", [y, delta], f"{name}/lora/Add")
     if spec.ofn is not None:
         y = output_feature_norm(g, y, spec.ofn, f"{name}/ofn", f"{spec.role}.ofn", block)
@@ -105,6 +98,22 @@ def rotary(g: GraphBuilder, x: str, cos: str, sin_signed: str, name: str) -> str
         [g.op("Mul", [x, cos], f"{name}/MulCos"), g.op("Mul", [swapped, sin_signed], f"{name}/MulSin")],
         f"{name}/Add",
     )
+
+
+def lora_delta(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int | None) -> str | None:
+    """``scaling * (x @ A) @ B`` of a shared block's adapter (None without one); ``name`` is the linear's node
+    prefix."""
+    if spec.lora_a is None or spec.lora_b is None:
+        return None
+    a = g.registry.use(spec.lora_a, f"{spec.role}.lora_A", TRANSPOSED, f"{name}/lora_A/MatMul", block)
+    b = g.registry.use(spec.lora_b, f"{spec.role}.lora_B", TRANSPOSED, f"{name}/lora_B/MatMul", block)
+    low = g.op("MatMul", [x, a], f"{name}/lora_A/MatMul")
+    delta = g.op("MatMul", [low, b], f"{name}/lora_B/MatMul")
+    # scaling is a separate constant so the stored lora_B equals the trained tensor exactly; x * 1.0 is exact,
+    # so alpha = rank needs no node (each node costs onnxruntime ~5 KiB of heap and a kernel launch)
+    if spec.scaling != 1.0:
+        delta = g.op("Mul", [delta, g.fconst(spec.scaling)], f"{name}/lora/Mul")
+    return delta
 
 
 def _project_heads(g: GraphBuilder, h: str, spec: LinearSpec, heads: tuple[int, ...], name: str, block: int) -> str:

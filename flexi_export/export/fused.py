@@ -37,7 +37,7 @@ import torch
 from onnx import TensorProto
 
 from flexi_export.errors import ExportError
-from flexi_export.export.blocks import linear, rms_norm
+from flexi_export.export.blocks import linear, lora_delta, rms_norm
 from flexi_export.export.decoder import DecoderGraph, _attention_masks, _embedding, _lm_head
 from flexi_export.export.graph import GraphBuilder
 from flexi_export.export.io_spec import FLOAT_TYPES, decoder_io, past_names, present_names
@@ -182,19 +182,6 @@ def _context(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _lora_delta(g: GraphBuilder, x: str, spec: LinearSpec, name: str, block: int) -> str | None:
-    """``scaling * (x @ A) @ B`` of a shared block's adapter (None without one), as the portable linear."""
-    if spec.lora_a is None or spec.lora_b is None:
-        return None
-    a = g.registry.use(spec.lora_a, f"{spec.role}.lora_A", TRANSPOSED, f"{name}/lora_A/MatMul", block)
-    b = g.registry.use(spec.lora_b, f"{spec.role}.lora_B", TRANSPOSED, f"{name}/lora_B/MatMul", block)
-    low = g.op("MatMul", [x, a], f"{name}/lora_A/MatMul")
-    delta = g.op("MatMul", [low, b], f"{name}/lora_B/MatMul")
-    if spec.scaling != 1.0:
-        delta = g.op("Mul", [delta, g.fconst(spec.scaling)], f"{name}/lora/Mul")
-    return delta
-
-
 #   x ─► MatMul W_packed [in, sum out] ─► [Add packed bias] ─► (packed output, or Split ─► + each adapter delta)
 def packed_linear(
     g: GraphBuilder, x: str, specs: list[LinearSpec], packed: str, name: str, block: int, packer: _Packer
@@ -215,7 +202,7 @@ def packed_linear(
             raise ExportError(f"{name}: some of {[s.role for s in specs]} have biases and some do not")
         bias = packer.pack(biases, specs[0].role, packed)  # type: ignore[arg-type]
         y = g.op("Add", [y, g.registry.use(bias, f"{packed}.bias", AS_IS, f"{name}/Add", block)], f"{name}/Add")
-    deltas = [_lora_delta(g, x, s, f"{name}/{s.role}", block) for s in specs]
+    deltas = [lora_delta(g, x, s, f"{name}/{s.role}", block) for s in specs]
     if all(delta is None for delta in deltas):
         return y, None
     sizes = g.ints(*(s.weight.shape[0] for s in specs))

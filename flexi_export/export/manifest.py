@@ -47,21 +47,16 @@ TOLERANCES: dict[str, dict[str, Any]] = {
     # (same weights as the graph); what remains is the runtime's own arithmetic: int8 activations (MatMulNBits
     # accuracy level 4 per block, MatMulInteger per tensor) and fp32 accumulation order. Bounds set from the
     # measured differences with a margin (docs/export.md, "Quantized bundles")
-    "int4": {
-        "logits_atol": 0.5,
-        "logits_rtol": 0.05,
-        "present_atol": 0.5,
-        "present_rtol": 0.05,
-        "greedy_tokens": "not compared (int8 activations may flip near-ties)",
-        "top1_agreement_min": 0.99,
-    },
-    "int8": {
-        "logits_atol": 0.5,
-        "logits_rtol": 0.05,
-        "present_atol": 0.5,
-        "present_rtol": 0.05,
-        "greedy_tokens": "not compared (int8 activations may flip near-ties)",
-        "top1_agreement_min": 0.99,
+    **{
+        dtype: {
+            "logits_atol": 0.5,
+            "logits_rtol": 0.05,
+            "present_atol": 0.5,
+            "present_rtol": 0.05,
+            "greedy_tokens": "not compared (int8 activations may flip near-ties)",
+            "top1_agreement_min": 0.99,
+        }
+        for dtype in ("int4", "int8")
     },
 }
 

@@ -9,21 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-from flexi_export.checkpoint import save_flexi
 from flexi_export.cli import main
 from flexi_export.errors import BundleError
 from flexi_export.export import export_onnx
-from flexi_export.model import build_flexi
-from flexi_export.plan import AdapterSpec, BlockPlan, SourceInfo, original, shared
 from flexi_export.verify import memory
 from flexi_export.verify.integrity import check_integrity
 from flexi_export.verify.report import write_report
 from flexi_export.verify.run import verify
-from tests.helpers import randomize_own, tiny_model
 from tests.verify import surgery
+from tests.verify.models import shared_flexi_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -33,16 +29,8 @@ MiB = 1 << 20
 def made(tmp_path_factory):
     """A Flexi checkpoint (blocks 2 and 3 share block 1's matrices) of a model whose matrices are 0.25-1 MiB,
     so that a weight copied to the heap is far above measurement noise, plus its shared and dense bundles."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("verify")
-    source = tiny_model("llama", hidden_size=256, intermediate_size=1024, vocab_size=2048, num_hidden_layers=5)
-    adapter = AdapterSpec(rank=8)
-    plan = BlockPlan(
-        SourceInfo("llama", 5),
-        (original(0), original(1), shared(1, 2, adapter, ofn="rms"), shared(1, 3, adapter), original(4)),
-    )
-    flexi = randomize_own(build_flexi(source, plan))
-    save_flexi(flexi, root / "ck")
+    flexi = shared_flexi_checkpoint(root / "ck")
     export_onnx(flexi, root / "flexi", progress=False)
     export_onnx(flexi, root / "dense", dense=True, progress=False)
     return root

@@ -22,22 +22,15 @@ from flexi_export.source import load_source
 from flexi_export.verify.run import verify
 from flexi_export.verify.structure import check_structure
 from tests.helpers import randomize_own, tiny_model
+from tests.verify.models import shared_flexi_checkpoint
 
 
 @pytest.fixture(scope="module")
 def quant_made(tmp_path_factory):
     """A Flexi checkpoint whose blocks 2 and 3 share block 1's matrices (0.25-1 MiB in fp32, so a weight copied
     to the heap is far above measurement noise) and its int8 and int4 bundles."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("verify-quant")
-    source = tiny_model("llama", hidden_size=256, intermediate_size=1024, vocab_size=2048, num_hidden_layers=5)
-    adapter = AdapterSpec(rank=8)
-    plan = BlockPlan(
-        SourceInfo("llama", 5),
-        (original(0), original(1), shared(1, 2, adapter, ofn="rms"), shared(1, 3, adapter), original(4)),
-    )
-    flexi = randomize_own(build_flexi(source, plan))
-    save_flexi(flexi, root / "ck")
+    flexi = shared_flexi_checkpoint(root / "ck")
     for dtype in ("int8", "int4"):
         export_onnx(flexi, root / dtype, dtype=dtype, progress=False)
     return root

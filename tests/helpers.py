@@ -67,13 +67,16 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> PreTrainedMod
     return model.eval()
 
 
-def mixed_plan(model_type: str, num_blocks: int = 6, rank: int = 4, ofn: str = "none") -> BlockPlan:
+def mixed_plan(
+    model_type: str, num_blocks: int = 6, rank: int = 4, ofn: str = "none", targets: tuple[str, ...] | None = None
+) -> BlockPlan:
     """Every entry kind in one plan over 6 source blocks, executing 7 blocks:
 
-    ``0, 1, shared(1) for pruned 2, (3 removed), 4, shared(4) inserted, 5, shared(0) inserted``.
+    ``0, 1, shared(1) for pruned 2, (3 removed), 4, shared(4) inserted, 5, shared(0) inserted``; adapters on every
+    matrix, or on ``targets`` only.
     """
     assert num_blocks == 6
-    adapter = AdapterSpec(rank=rank, alpha=2.0 * rank)
+    adapter = AdapterSpec(rank=rank, alpha=2.0 * rank, **({} if targets is None else {"targets": targets}))
     return BlockPlan(
         SourceInfo(model_type, num_blocks),
         (

@@ -173,11 +173,14 @@ def totals(stored: list[StoredTensor], data_file_bytes: int) -> dict[str, int]:
 
 def _parameters(stored: list[StoredTensor]) -> int:
     """Model parameters the bundle holds: a float tensor's elements; a quantized matrix counted once, by the
-    shape of the matrix it stands for (its qweight row), not by its bytes."""
+    shape of the matrix it stands for (its qweight row), not by its bytes; a block-diagonal matrix by its blocks
+    (its zeros are layout, not parameters)."""
     total = 0
     for t in stored:
         quant = t.entry.quant
-        if quant is None:
+        if t.entry.transform == "block_diag":
+            total += sum(_numel(tuple(part.shape)) for part in getattr(t.entry.ref, "parts", ()))
+        elif quant is None:
             total += _numel(t.dims)
         elif quant.part == "qweight":
             total += _numel(t.entry.torch_shape)

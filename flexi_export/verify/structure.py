@@ -114,6 +114,21 @@ def check_initializers(proto: ModelProto, manifest: dict[str, Any], model: Any |
     return result
 
 
+#: Transforms of --target cpu tensors that stand for several member parameters.
+PACKED = ("pack", "block_diag")
+
+
+def layout_zero_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes the bundle stores beyond its parameters by layout: the zero blocks of block-diagonal adapter
+    matrices (``--target cpu``), each ``bytes - sum(part elements) x itemsize``."""
+    total = 0
+    for row in manifest["initializers"]:
+        if row["transform"] == "block_diag":
+            itemsize = row["bytes"] // max(1, int(np.prod(row["shape"])))
+            total += row["bytes"] - itemsize * sum(int(np.prod(part["shape"])) for part in row["parts"])
+    return total
+
+
 def _parameter_problems(
     weights: set[str], rows: dict[str, dict[str, Any]], manifest: dict[str, Any], model: Any
 ) -> list[str]:
@@ -128,7 +143,7 @@ def _parameter_problems(
     # a quantized matrix is stored as parts named after the parameter (``<name>.qweight`` ...)
     quantized = {name: row["source"][0] for name, row in rows.items() if row.get("quantization")}
     # a packed matrix (--target cpu) stands for its member parameters (quantized packs: all of its sources)
-    packed = {name: row["source"] for name, row in rows.items() if row["transform"] == "pack"}
+    packed = {name: row["source"] for name, row in rows.items() if row["transform"] in PACKED}
     covered = (weights - set(quantized) - set(packed)) | set(quantized.values())
     covered |= {source for sources in packed.values() for source in sources}
     for name in sorted(params - covered):
@@ -157,11 +172,11 @@ def check_duplicates(proto: ModelProto, data_path: Path, manifest: dict[str, Any
         # a pack (--target cpu) is identified by its member parameters (equal zero biases of two packs pass)
         parameters = {
             (
-                tuple(r["source"]) if r["transform"] == "pack" else r["source"][0],
+                tuple(r["source"]) if r["transform"] in PACKED else r["source"][0],
                 (r.get("quantization") or {}).get("part"),
             )
             for r in declared
-            if r["transform"] in ("identity", "pack")
+            if r["transform"] in ("identity", *PACKED)
         }
         if len(parameters) < len(group) and not manifest.get("dense"):
             result.problems.append(f"{', '.join(group)} hold the same bytes but are not distinct parameters (a copy)")
@@ -233,6 +248,9 @@ def expected_tensor(row: dict[str, Any], model: Any) -> Any:
     if row["transform"] == "pack":  # --target cpu: members stacked along the output dimension
         with torch.no_grad():
             return torch.cat([expected_tensor(part, model).float() for part in row["parts"]], dim=0)
+    if row["transform"] == "block_diag":  # --target cpu: a pack's adapter B matrices on a block diagonal
+        with torch.no_grad():
+            return torch.block_diag(*[expected_tensor(part, model).float() for part in row["parts"]])
     raise ValueError(f"unknown transform {row['transform']!r}")
 
 
@@ -373,6 +391,7 @@ def check_structure(bundle: str | Path, model: Any | None = None, ort_optimized:
     if model is not None and not manifest.get("dense"):
         itemsize = 2 if manifest["dtype"] == "fp16" else 4
         unique = sum(p.numel() for p in model.parameters()) * itemsize  # parameters() yields each Parameter once
+        unique += layout_zero_bytes(manifest)
     results = [
         check_initializers(proto, manifest, model),
         check_duplicates(proto, data_path, manifest),

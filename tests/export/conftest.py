@@ -25,12 +25,15 @@ def _one_torch_thread() -> Iterator[None]:
 
 def make_flexi(family: str, plan: str) -> torch.nn.Module:
     """``identity``: every block original; ``mixed``: original, shared (non-zero adapters, OFN), removed and
-    inserted blocks (see ``tests.helpers.mixed_plan``)."""
+    inserted blocks (see ``tests.helpers.mixed_plan``); ``partial``: ``mixed`` with adapters on q, v and down only."""
     source = tiny_model(family)
     if plan == "identity":
         return build_flexi(source, BlockPlan.identity(family, source.config.num_hidden_layers))
     if plan == "mixed":
         return randomize_own(build_flexi(source, mixed_plan(family, ofn="layernorm")))
+    if plan == "partial":
+        targets = ("q_proj", "v_proj", "down_proj")
+        return randomize_own(build_flexi(source, mixed_plan(family, ofn="layernorm", targets=targets)))
     raise ValueError(plan)
 
 

@@ -42,7 +42,9 @@ def _ops(bundle: Bundle) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(str(bundle.onnx_path), load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize(("family", "plan"), [("llama", "identity"), ("qwen2", "mixed"), ("llama", "mixed")])
+@pytest.mark.parametrize(
+    ("family", "plan"), [("llama", "identity"), ("qwen2", "mixed"), ("llama", "mixed"), ("llama", "partial")]
+)
 def test_cpu_target_matches_torch_prefill_decode_and_cache(family, plan, flexi_model, cpu_bundle):
     model, bundle = flexi_model(family, plan), cpu_bundle(family, plan)
     ort = decoder(bundle)
@@ -79,6 +81,17 @@ def test_cpu_target_graph_uses_the_fused_ops(cpu_bundle):
     assert "Softmax" not in ops and "Cos" not in ops
 
 
+def test_a_shared_blocks_adapters_are_two_products_per_pack(cpu_bundle):
+    """Adapters on every member: one stacked-A and one block-diagonal-B product per pack, so GroupQueryAttention
+    reads the packed q/k/v; adapters on some members only: each member's own delta, added after a Split."""
+    for plan, lora_matmuls, packed_qkv in (("mixed", 8, True), ("partial", 6, False)):
+        nodes = onnx.load(str(cpu_bundle("llama", plan).onnx_path), load_external_data=False).graph.node
+        block = [n for n in nodes if n.name.startswith("/model/layers.2/")]  # shared(1) in mixed_plan
+        assert sum(1 for n in block if n.op_type == "MatMul" and "/lora_" in n.name) == lora_matmuls, plan
+        gqa = next(n for n in block if n.op_type == "GroupQueryAttention")
+        assert (gqa.input[1] == "") == packed_qkv, plan  # packed mode: k and v inputs left empty
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_a_packed_shared_matrix_is_one_initializer_read_by_every_sharing_block(family, flexi_model, cpu_bundle):
     bundle = cpu_bundle(family, "mixed")
@@ -91,7 +104,12 @@ def test_a_packed_shared_matrix_is_one_initializer_read_by_every_sharing_block(f
         "k_proj",
         "v_proj",
     ]
-    assert "model.layers.2.self_attn.q_proj.lora_A.weight" in rows  # adapters stay per block, beside the pack
+    # adapters stay the block's own, packed beside the shared pack: A's stacked, B's on a block diagonal
+    prefix = "model.layers.2.self_attn.qkv_proj"
+    a, b = rows[f"{prefix}.lora_A.weight"], rows[f"{prefix}.lora_B.weight"]
+    assert a["consuming_blocks"] == b["consuming_blocks"] == [2]
+    assert a["transform"] == "pack" and b["transform"] == "block_diag"
+    assert [p["source"][0] for p in b["parts"]] == [f"model.layers.2.self_attn.{r}_proj.lora_B.weight" for r in "qkv"]
     assert sum(1 for n in rows if "qkv_proj.weight" in n) == 4  # source blocks 0, 1, 4, 5 own a pack each
     if family == "qwen2":
         assert rows["model.layers.1.self_attn.qkv_proj.bias"]["consuming_blocks"] == [1, 2]

@@ -184,9 +184,21 @@ def _context(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
     last = g.op("Sub", [total, g.ints(1)], f"{name}/SeqlensK/Sub")
     seqlens = g.op("Expand", [last, batch], f"{name}/SeqlensK/Expand")  # [B]: every row spans the whole cache
     seqlens = g.op("Cast", [seqlens], f"{name}/SeqlensK", to=TensorProto.INT32)
-    windows = sorted({b.window for b in spec.blocks}, key=lambda w: -1 if w is None else w)
-    masks = _attention_masks(g, windows)  # [B, 1, 1, S, T] additive float32
-    bias = {w: g.op("Squeeze", [m, g.ints(1)], f"{name}/bias/{w or 'full'}/Squeeze") for w, m in masks.items()}
+    windows = sorted({b.window for b in spec.blocks if b.window is not None})
+    masks = _attention_masks(g, windows) if windows else {}  # [B, 1, 1, S, T] additive float32
+    bias = {w: g.op("Squeeze", [m, g.ints(1)], f"{name}/bias/{w}/Squeeze") for w, m in masks.items()}
+    if any(b.window is None for b in spec.blocks):
+        # full attention: GroupQueryAttention's own causal mask (by cache index, as transformers) leaves only the
+        # padding to mask, the same [T] row for every query: 6 nodes where the causal [S, T] grid took 20, which
+        # onnxruntime runs at every decode step
+        full = f"{name}/bias/full"
+        padding = g.op("Cast", ["attention_mask"], f"{full}/Cast", to=TensorProto.BOOL)
+        low = g.f32const(float(np.finfo(np.float32).min))
+        padding = g.op("Where", [padding, g.f32const(0.0), low], f"{full}/Where")  # [B, T]
+        padding = g.op("Unsqueeze", [padding, g.ints(1, 2)], f"{full}/Unsqueeze")  # [B, 1, 1, T]
+        seq = g.op("Shape", ["input_ids"], f"{full}/SeqLen", start=1, end=2)
+        rows = g.op("Concat", [g.ints(1, 1), seq, g.ints(1)], f"{full}/Shape", axis=0)
+        bias[None] = g.op("Expand", [padding, rows], f"{full}/Expand")  # [B, 1, S, T]: onnxruntime wants S rows
     positions = np.arange(d.max_position_embeddings, dtype=np.float32)[:, None]
     angles = positions * spec.rope.inv_freq.astype(np.float32)[None, :]  # as transformers: fp32 products
     scale = np.float32(spec.rope.attention_scaling)

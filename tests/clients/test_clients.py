@@ -35,7 +35,7 @@ DECISIVE = 100 * TOLERANCES["fp32"]["logits_atol"]
 pytestmark = pytest.mark.slow
 
 
-def _export(make, out: Path, dtype: str = "fp32"):
+def _export(make, out: Path, dtype: str = "fp32", target: str = "portable"):
     """Export ``make()``'s model; int4 skips the exporter's own check against torch (random weights quantize too
     coarsely for its top-1 bound; the clients are compared with onnxruntime's greedy run of the bundle)."""
     model, tokenizer = make()
@@ -44,7 +44,9 @@ def _export(make, out: Path, dtype: str = "fp32"):
     assert eos == 0, f"{make.__name__}: a reference row reaches EOS: pick another seed"
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClientCompatibilityWarning)  # these bundles must suit every client
-        return export_onnx(model, out, tokenizer=tokenizer, dtype=dtype, progress=False, check=dtype == "fp32")
+        return export_onnx(
+            model, out, tokenizer=tokenizer, dtype=dtype, target=target, progress=False, check=dtype == "fp32"
+        )
 
 
 def _check(*args: object) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
@@ -69,6 +71,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         _export(models.reference_flexi30, root / "reference-flexi30").path,
         _export(models.mistral_window, root / "mistral-window").path,
         _export(models.reference_flexi30, root / "reference-flexi30-int4", dtype="int4").path,
+        # the fused graph (GroupQueryAttention, packed projections and adapters) in every client too
+        _export(models.reference_flexi30, root / "reference-flexi30-cpu", target="cpu").path,
     ]
 
 

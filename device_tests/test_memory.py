@@ -26,7 +26,8 @@ def _weights(bundle) -> tuple[int, int]:
     prepacked int4 weights, whose file pages onnxruntime releases after packing them onto the heap)."""
     rows = bundle.manifest["initializers"]
     total = sum(r["bytes"] for r in rows)
-    dense_read = sum(r["bytes"] for r in rows if any(c.split("/")[-1] != "Gather" for c in r["consumers"]))
+    lookups = ("Gather", "GatherBlockQuantized")  # read only at the rows of the tokens seen
+    dense_read = sum(r["bytes"] for r in rows if any(c.split("/")[-1] not in lookups for c in r["consumers"]))
     return total, dense_read - flexi_device.prepacked_bytes(bundle.manifest, released_only=True)
 
 

@@ -19,19 +19,20 @@ what changes is how a block is computed:
 
 Sharing is kept: a packed matrix is derived from the *owner's* Parameters and registered under one key (the
 identities of its parts), so the owner block and every block sharing it read the same single initializer;
-each block's adapters stay its own tensors beside it (their deltas are added after the packed product), and
+each block's adapters stay its own tensors beside it (their deltas are added to the packed product), and
 biases (Qwen2) are one packed bias added before attention (GroupQueryAttention has no bias input).
 
 Attention masking: ``seqlens_k`` is ``total_length - 1`` for every row and the padding / sliding-window part of
-the mask is an additive ``attention_bias`` computed in-graph from ``attention_mask`` (the same cache-index rules
-as the portable graph), so left-padded batches and Mistral's window give the transformers result exactly;
-GroupQueryAttention's own causal mask does the rest. onnxruntime-genai's builder instead derives ``seqlens_k``
-from the mask sum, which is only right for unpadded or right-padded rows.
+the mask is an additive ``attention_bias`` computed in-graph from ``attention_mask`` (full-attention layers: the
+padding row alone; sliding-window layers: the portable graph's cache-index grid), so left-padded batches and
+Mistral's window give the transformers result exactly; GroupQueryAttention's own causal mask does the rest.
+onnxruntime-genai's builder instead derives ``seqlens_k`` from the mask sum, which is only right for unpadded or
+right-padded rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from flexi_export.export.blocks import linear, lora_delta, rms_norm
 from flexi_export.export.decoder import DecoderGraph, _attention_masks, _embedding, _lm_head
 from flexi_export.export.graph import GraphBuilder
 from flexi_export.export.io_spec import FLOAT_TYPES, decoder_io, past_names, present_names
-from flexi_export.export.qblocks import MS_DOMAIN, quantized_matmul
+from flexi_export.export.qblocks import MS_DOMAIN, gather_block_quantized, quantized_matmul
 from flexi_export.export.quant import QuantConfig
 from flexi_export.export.spec import BlockSpec, Derived, LinearSpec, ModelSpec, TensorRef
 from flexi_export.export.weights import AS_IS, TRANSPOSED, WeightRegistry
@@ -70,57 +71,51 @@ class _Packer:
 
     def __init__(self, names: dict[int, str]) -> None:
         self._names = names
-        self._packs: dict[tuple[int, ...], Derived] = {}
+        self._packs: dict[tuple[object, ...], Derived] = {}
 
     def _name(self, ref: TensorRef) -> str:
         return ref.name if isinstance(ref, Derived) else self._names[id(ref)]
 
     def pack(self, refs: list[TensorRef], member: str, packed: str) -> Derived:
         """``refs`` concatenated along the output dimension (torch layout ``[sum out, in]``, or 1-D biases)."""
-        key = tuple(id(r) for r in refs)
-        if key not in self._packs:
-            parts = tuple(refs)
-
-            def compute() -> torch.Tensor:
-                with torch.no_grad():
-                    return torch.cat([p.compute() if isinstance(p, Derived) else p.detach() for p in parts], dim=0)
-
-            first = self._name(refs[0])
-            if f".{member}." not in first:
-                raise RuntimeError(f"cannot name the packed tensor of {first}")
-            shape = (sum(r.shape[0] for r in refs), *tuple(refs[0].shape[1:]))
-            sources = tuple(s for r in refs for s in (r.sources if isinstance(r, Derived) else (self._name(r),)))
-            self._packs[key] = Derived(
-                name=first.replace(f".{member}.", f".{packed}."),
-                shape=shape,
-                compute=compute,
-                sources=sources,
-                transform="pack",
-                parts=parts,
-            )
-        return self._packs[key]
+        shape = (sum(r.shape[0] for r in refs), *tuple(refs[0].shape[1:]))
+        return self._derive("pack", refs, member, packed, shape, lambda ts: torch.cat(ts, dim=0))
 
     def block_diag(self, refs: list[TensorRef], member: str, packed: str) -> Derived:
         """``refs`` (adapter ``B`` matrices, torch layout ``[out_i, rank_i]``) as one block-diagonal
         ``[sum out, sum rank]`` matrix: ``concat(x A_i) @ block_diag(B_i)`` is every member's ``x A_i B_i`` side
         by side in one product."""
-        key = ("block_diag", *(id(r) for r in refs))
+        shape = (sum(r.shape[0] for r in refs), sum(r.shape[1] for r in refs))
+        return self._derive("block_diag", refs, member, packed, shape, lambda ts: torch.block_diag(*ts))
+
+    def _derive(
+        self,
+        transform: str,
+        refs: list[TensorRef],
+        member: str,
+        packed: str,
+        shape: tuple[int, ...],
+        combine: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> Derived:
+        """One :class:`Derived` per (transform, parts): named after the first part with ``member`` -> ``packed``,
+        computed by ``combine`` of the parts' tensors when the data file is written."""
+        key = (transform, *(id(r) for r in refs))
         if key not in self._packs:
             parts = tuple(refs)
 
             def compute() -> torch.Tensor:
                 with torch.no_grad():
-                    return torch.block_diag(*[p.compute() if isinstance(p, Derived) else p.detach() for p in parts])
+                    return combine([p.compute() if isinstance(p, Derived) else p.detach() for p in parts])
 
             first = self._name(refs[0])
             if f".{member}." not in first:
                 raise RuntimeError(f"cannot name the packed tensor of {first}")
             self._packs[key] = Derived(
                 name=first.replace(f".{member}.", f".{packed}."),
-                shape=(sum(r.shape[0] for r in refs), sum(r.shape[1] for r in refs)),
+                shape=shape,
                 compute=compute,
-                sources=tuple(self._name(r) for r in refs),
-                transform="block_diag",
+                sources=tuple(s for r in refs for s in (r.sources if isinstance(r, Derived) else (self._name(r),))),
+                transform=transform,
                 parts=parts,
             )
         return self._packs[key]
@@ -137,7 +132,7 @@ def build_fused_decoder(
     io = decoder_io(len(spec.blocks), d.num_kv_heads, d.head_dim, d.vocab_size, dtype)
     ctx = _context(g, spec)
     packer = _Packer(spec.names)
-    x = _embedding(g, spec)
+    x = _fused_embedding(g, spec)
     # the first norm has no residual to fuse: the standard-op RMSNorm, which onnxruntime itself fuses into
     # SimplifiedLayerNormalization (that op is onnxruntime's, registered in the ai.onnx domain, so onnx.checker
     # would reject it written out)
@@ -159,6 +154,17 @@ def build_fused_decoder(
             h, _ = _skip_norm(g, out, residual, spec.final_norm, "/model/norm", None, d)
     _lm_head(g, h, spec)
     return DecoderGraph(nodes=g.nodes, inline=g.inline, io=io, registry=registry)
+
+
+def _fused_embedding(g: GraphBuilder, spec: ModelSpec) -> str:
+    """The portable graph's lookup, except an untied int4 embedding of whole blocks: ``GatherBlockQuantized``
+    (one node per step instead of ~12 unpacking ones). A tied table keeps the MatMulNBits layout its LM head
+    reads, so that it stays one initializer."""
+    q = g.quant
+    untied_int4 = q is not None and q.quantize_embedding and q.dtype == "int4" and not spec.tied
+    if untied_int4 and spec.dims.hidden_size % q.block_size == 0:  # type: ignore[union-attr]
+        return gather_block_quantized(g, spec.embed, "input_ids", "/model/embed_tokens")
+    return _embedding(g, spec)
 
 
 #   skip (residual) ─┐

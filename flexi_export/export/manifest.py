@@ -18,7 +18,7 @@ from flexi_export import __version__
 from flexi_export.errors import InputError
 from flexi_export.export.external_data import ALIGN_THRESHOLD, ALIGNMENT, PAGE, SMALL_ALIGNMENT, StoredTensor
 from flexi_export.export.io_spec import IOSpec
-from flexi_export.export.quant import NBITS, ROWS
+from flexi_export.export.quant import NBITS, NBITS_ROWS, ROWS
 from flexi_export.export.weights import WeightEntry
 
 MANIFEST_FORMAT = "flexi-bundle/1"
@@ -146,9 +146,9 @@ def _quant_fields(entry: WeightEntry) -> dict[str, Any] | None:
     return {
         "part": entry.quant.part,
         "layout": entry.quant.layout,
-        "op": "Gather" if entry.quant.layout == ROWS else config.op,
+        "op": {ROWS: "Gather", NBITS_ROWS: "GatherBlockQuantized"}.get(entry.quant.layout, config.op),
         "bits": config.bits,
-        "block_size": config.block_size if entry.quant.layout == NBITS else None,
+        "block_size": config.block_size if entry.quant.layout in (NBITS, NBITS_ROWS) else None,
         "symmetric": config.symmetric,
         "source_shape": list(entry.torch_shape),
     }

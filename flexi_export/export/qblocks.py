@@ -12,7 +12,7 @@ import numpy as np
 from onnx import TensorProto
 
 from flexi_export.export.graph import GraphBuilder
-from flexi_export.export.quant import COLUMNS, NBITS, ROWS, QuantConfig
+from flexi_export.export.quant import COLUMNS, NBITS, NBITS_ROWS, ROWS, QuantConfig
 from flexi_export.export.spec import TensorRef
 
 MS_DOMAIN = "com.microsoft"
@@ -91,6 +91,19 @@ def gather_nbits(g: GraphBuilder, ref: TensorRef, ids: str, name: str) -> str:
     if blocks * size != hidden:
         values = g.op("Slice", [values, g.ints(0), g.ints(hidden), g.ints(-1)], f"{name}/Slice")
     return values
+
+
+#   ids ─► GatherBlockQuantized(qweight [V, H / 2], scales [V, blocks] (, zero_points)) ─► x [B, S, H]
+def gather_block_quantized(g: GraphBuilder, ref: TensorRef, ids: str, name: str) -> str:
+    """Embedding lookup on int4 rows with onnxruntime's ``GatherBlockQuantized`` (``--target cpu``, untied
+    embedding whose width is whole blocks): one node reading the file-backed table, dequantizing only the rows
+    gathered. Same codes and scales as :func:`gather_nbits`, stored ``[V, H / 2]`` as the op wants."""
+    config = _config(g)
+    node = f"{name}/GatherBlockQuantized"
+    parts = g.registry.use_quantized(ref, "embed_tokens", (NBITS_ROWS, config), node)
+    inputs = [parts["qweight"], ids, parts["scales"]] + ([parts["zero_points"]] if "zero_points" in parts else [])
+    attrs = dict(gather_axis=0, quantize_axis=1, block_size=config.block_size, bits=config.bits)
+    return g.op("GatherBlockQuantized", inputs, node, domain=MS_DOMAIN, **attrs)
 
 
 def _unpack(g: GraphBuilder, packed: str, shape: tuple[int, ...], name: str) -> str:

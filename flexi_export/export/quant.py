@@ -8,7 +8,9 @@ Two schemes, one per bundle dtype (see ``docs/export.md``, "Quantized bundles", 
   asymmetric, ``zero_points`` uint8 ``[N, ceil(k_blocks / 2)]`` (packed like ``qweight``). Symmetric blocks
   store no zero points: MatMulNBits' default is 8. The rows are exactly the rows of ``W``, so the same bytes
   serve an embedding lookup (``Gather`` of rows, unpacked on the activations) and a tied LM head.
-  ``dequantized = (code - zero_point) * scale``.
+  ``dequantized = (code - zero_point) * scale``. An untied int4 embedding of a ``--target cpu`` bundle stores
+  the same bytes as ``nbits_rows`` (``qweight [N, k_blocks * block_size / 2]``), the layout
+  ``com.microsoft::GatherBlockQuantized`` reads (one node instead of the unpacking subgraph).
 - ``int8``: per-output-channel symmetric int8 for the standard ``MatMulInteger`` (activations quantized per
   tensor at run time by ``DynamicQuantizeLinear``): ``qweight`` int8 ``[K, N]`` (the layout ``MatMulInteger``
   reads), ``scales`` float32 ``[N]``. An untied int8 embedding uses ``rows``: int8 ``[V, H]`` + ``scales [V]``.
@@ -33,6 +35,8 @@ BLOCK_SIZES = (16, 32, 64, 128)
 ACCURACY_LEVELS = (0, 1, 4)
 #: Layouts a quantized matrix can be stored in (see the module docstring).
 NBITS, COLUMNS, ROWS = "nbits", "int8_columns", "int8_rows"
+#: An untied int4 embedding read by ``GatherBlockQuantized`` (``--target cpu``): NBITS's bytes, one row per token.
+NBITS_ROWS = "nbits_rows"
 #: float32 rows converted at a time (bounds the quantizer's temporaries to a few MiB per chunk).
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 
@@ -107,6 +111,10 @@ def part_layouts(layout: str, shape: tuple[int, ...], config: QuantConfig) -> di
         if not config.symmetric:
             parts["zero_points"] = ((n, -(-blocks * config.bits // 8)), np.uint8)
         return parts
+    if layout == NBITS_ROWS:
+        parts = part_layouts(NBITS, shape, config)
+        rows = parts["qweight"][0]
+        return parts | {"qweight": ((n, rows[1] * rows[2]), np.uint8)}
     if layout == COLUMNS:
         return {"qweight": ((k, n), np.int8), "scales": ((n,), np.float32)}
     if layout == ROWS:
@@ -124,11 +132,16 @@ def quantize(weight: np.ndarray, layout: str, config: QuantConfig) -> dict[str, 
     parts = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
     if layout == COLUMNS:  # MatMulInteger reads [K, N]: one transpose of the int8 codes (a quarter of fp32)
         parts["qweight"] = np.ascontiguousarray(parts["qweight"].T)
+    if layout == NBITS_ROWS:
+        parts["qweight"] = parts["qweight"].reshape(n, -1)
     return parts
 
 
 def dequantize(parts: dict[str, np.ndarray], layout: str, config: QuantConfig, k: int) -> np.ndarray:
     """The float32 matrix ``[N, K]`` the parts stand for: what the runtime multiplies with."""
+    if layout == NBITS_ROWS:
+        q = parts["qweight"]
+        return dequantize(parts | {"qweight": q.reshape(q.shape[0], parts["scales"].shape[1], -1)}, NBITS, config, k)
     if layout == NBITS:
         codes = unpack_codes(parts["qweight"], config.bits)  # [N, blocks, block_size]
         if config.symmetric:
@@ -150,7 +163,7 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _quantize_rows(rows: np.ndarray, layout: str, config: QuantConfig) -> dict[str, np.ndarray]:
-    if layout == NBITS:
+    if layout in (NBITS, NBITS_ROWS):
         return _nbits(rows, config)
     # int8: symmetric per row (output channel): absmax -> 127, code 0 is exactly 0
     scale = np.abs(rows).max(axis=1) / 127.0

@@ -11,12 +11,11 @@ bundle, so a report can list every failure at once. :func:`check_structure` runs
   Constant as data): onnxruntime would fold each into a heap copy of the weight;
 - :func:`check_external_data`: weights are external, aligned, inside the file, not overlapping, and the file
   is at most the unique weight bytes x 1.01 plus alignment padding;
-- :func:`check_values`: the stored tensors equal the source model's tensors (not just counts and dtypes);
+- :func:`check_values`: the stored tensors equal the source model's tensors (not just counts and dtypes; a
+  quantized matrix's parts equal the quantizer's output for its source, compared dequantized), packs and
+  block-diagonal adapter matrices (``--target cpu``) rebuilt from their parts;
 - :func:`check_ort_optimized`: the graph onnxruntime saves after its optimisations keeps the same weights
-  and gained no weight-sized initializer (no folded copy);
-- :func:`check_quantized_ops`: in an int8/int4 bundle every block matrix is stored quantized, once, and each
-  part is read only by the op of its layout with matching attributes; contrib ops (``com.microsoft``) appear
-  only where the bundle's dtype needs them.
+  and gained no weight-sized initializer (no folded copy).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from flexi_export.errors import ExportError
 from flexi_export.export import Bundle, export_onnx
 from flexi_export.verify.runtime import device, position_ids_from_mask
 from flexi_export.verify.structure import check_structure
-from tests.export.util import decoder, max_excess, random_ids, torch_step
+from tests.export.util import decoder, max_excess, ort_vs_quantized_reference, random_ids, torch_step
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,27 @@ def test_cli_target_option(tmp_path):
         main, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--target", "tpu"]
     )
     assert result.exit_code == 2 and "tpu" in result.output
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_target_untied_int4_embedding_is_one_gather_block_quantized(flexi_model, tmp_path, symmetric):
+    """An untied int4 embedding: one GatherBlockQuantized reading the stored rows (the portable graph unpacks
+    them with ~12 standard nodes), the same values as the dequantized PyTorch model, verify passes."""
+    model = flexi_model("llama", "mixed")
+    assert not model.config.tie_word_embeddings
+    kw = {"quantize_embedding": True, "accuracy_level": 0, "symmetric": symmetric}
+    bundle = export_onnx(model, tmp_path / "b", dtype="int4", target="cpu", progress=False, **kw)
+    rows = [r for r in bundle.manifest["initializers"] if r["source"] == ["model.embed_tokens.weight"]]
+    parts = {r["quantization"]["part"]: r for r in rows}
+    assert set(parts) == ({"qweight", "scales"} if symmetric else {"qweight", "scales", "zero_points"})
+    assert {r["quantization"]["op"] for r in rows} == {"GatherBlockQuantized"}
+    hidden = model.config.hidden_size
+    assert parts["qweight"]["shape"] == [model.config.vocab_size, hidden // 2]
+    nodes = onnx.load(str(bundle.onnx_path), load_external_data=False).graph.node
+    readers = [n for n in nodes if parts["qweight"]["name"] in n.input]
+    assert [n.op_type for n in readers] == ["GatherBlockQuantized"]
+    assert not [n for n in nodes if n.op_type in ("BitShift", "BitwiseAnd")]  # no unpacking subgraph
+    got, want = ort_vs_quantized_reference(bundle, model, bundle.manifest["quantization"])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    failures = [r for r in check_structure(bundle.path, model) if not r.passed]
+    assert not failures, [(r.name, r.problems) for r in failures]

@@ -20,9 +20,9 @@ from flexi_export.export import export_onnx
 from flexi_export.export.manifest import TOLERANCES
 from flexi_export.export.prepack import prepack_bundle
 from flexi_export.export.quant import COLUMNS, NBITS, QuantConfig, dequantize, quantize
-from flexi_export.export.quant_reference import block_int8, quantized_reference, reference_registry
-from flexi_export.verify.runtime import OrtDecoder, device, position_ids_from_mask
-from tests.export.util import random_ids, torch_step
+from flexi_export.export.quant_reference import block_int8
+from flexi_export.verify.runtime import device
+from tests.export.util import ort_vs_quantized_reference as _ort_vs_reference
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,23 +42,6 @@ def _unique_block_matrices(model) -> dict[int, str]:
             if isinstance(base, torch.nn.Linear) and name.endswith(tuple(f"{m}.weight" for m in LINEARS)):
                 out[id(base.weight)] = name
     return out
-
-
-def _ort_vs_reference(bundle, model, config_json, batch=2, length=7, seed=1):
-    """(onnxruntime logits, PyTorch logits of the model with the same quantization) on left-padded prompts."""
-    vocab = model.config.vocab_size
-    ids = random_ids(vocab, batch, length, seed)
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0
-    pos = position_ids_from_mask(mask)
-    described = device.Bundle(bundle.path)
-    got, _ = OrtDecoder(described.model, described.options("recommended", 1), 1).run(ids, mask, pos)
-    config = QuantConfig.from_json(config_json)
-    spec, registry = reference_registry(model, config)
-    with quantized_reference(model, spec, registry):
-        want, _, _ = torch_step(model, ids, mask, pos)
-    keep = mask.astype(bool)
-    return got[keep], want[keep]
 
 
 # ------------------------------------------------------------------------------------------ the quantizer

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from flexi_export.verify.runtime import OrtDecoder, position_ids_from_mask
+from flexi_export.export.quant import QuantConfig
+from flexi_export.export.quant_reference import quantized_reference, reference_registry
+from flexi_export.verify.runtime import OrtDecoder, device, position_ids_from_mask
 
 ATOL = RTOL = 1e-4
 
@@ -87,8 +89,26 @@ __all__ = [
     "decoder",
     "max_diff",
     "max_excess",
+    "ort_vs_quantized_reference",
     "position_ids_from_mask",
     "random_ids",
     "reference_evaluator_run",
     "torch_step",
 ]
+
+
+def ort_vs_quantized_reference(bundle, model, config_json, batch=2, length=7, seed=1):
+    """(onnxruntime logits, PyTorch logits of the model with the same quantization) on left-padded prompts."""
+    vocab = model.config.vocab_size
+    ids = random_ids(vocab, batch, length, seed)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    pos = position_ids_from_mask(mask)
+    described = device.Bundle(bundle.path)
+    got, _ = OrtDecoder(described.model, described.options("recommended", 1), 1).run(ids, mask, pos)
+    config = QuantConfig.from_json(config_json)
+    spec, registry = reference_registry(model, config)
+    with quantized_reference(model, spec, registry):
+        want, _, _ = torch_step(model, ids, mask, pos)
+    keep = mask.astype(bool)
+    return got[keep], want[keep]

@@ -25,12 +25,17 @@ def genai_environment() -> None:
     subprocess.run(["bash", str(SETUP), "genai"], check=True, cwd=ROOT, timeout=900)
 
 
-@pytest.mark.parametrize(("make", "dtype"), [(models.qwen2_tied, "fp32"), (models.mistral_window, "fp32"),
-                                             (models.reference_flexi30, "int4")])  # fmt: skip
-def test_onnxruntime_genai_generates_the_reference_tokens_from_a_cpu_target_bundle(make, dtype, tmp_path):
+@pytest.mark.parametrize(("make", "dtype", "options"), [
+    (models.qwen2_tied, "fp32", {}),
+    (models.mistral_window, "fp32", {}),
+    (models.reference_flexi30, "int4", {}),
+    (models.mistral_window, "int4", {"quantize_embedding": True}),  # untied: GatherBlockQuantized embedding
+])  # fmt: skip
+def test_onnxruntime_genai_generates_the_reference_tokens_from_a_cpu_target_bundle(make, dtype, options, tmp_path):
     model, tokenizer = make()
     out = tmp_path / make.__name__
-    export_onnx(model, out, tokenizer=tokenizer, dtype=dtype, target="cpu", progress=False, check=dtype == "fp32")
+    check = dtype == "fp32"
+    export_onnx(model, out, tokenizer=tokenizer, dtype=dtype, target="cpu", progress=False, check=check, **options)
     report = tmp_path / "report"
     command = [sys.executable, str(CHECK), str(out), "--clients", "genai", "--no-setup", "--report", str(report)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)

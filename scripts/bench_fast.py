@@ -1,14 +1,17 @@
-"""Fast path benchmark (issue 10): decode speed and memory of ``--target portable`` vs ``--target cpu`` bundles.
+"""Fast path benchmark (issue 10): decode speed and memory of our ``--target cpu`` and ``--target portable``
+bundles against onnxruntime-genai's builder and optimum, on the same model, threads and prompts.
 
-    .venv/bin/python scripts/bench_fast.py [--out graphs/bench_fast] [--threads 2] [--prefill 128] [--decode 32]
-                                           [--dtypes fp32,int4] [--repeats 1]
+    .venv/bin/python scripts/bench_fast.py [--builder | --builder-path DIR] [--no-optimum] [--out graphs/bench_fast]
+        [--threads 2] [--prefill 64] [--decode 64] [--dtypes fp32,int4] [--repeats 5] [--reuse] [--machine TEXT]
 
 The issue's model: a random Llama (hidden 1024, 8 blocks, intermediate 2816, GQA 16/4, vocab 32000, fp32),
-exported dense (identity plan) and as a Flexi model (blocks 3 and 6 replaced by shared copies of blocks 2 and 5
-with rank-8 adapters), each in both targets, fp32 and int4. Every bundle is probed in a fresh process by
-``device_tests/flexi_device.py`` (``probe``: load, prefill, greedy decode; VmHWM, RssAnon, PSS) with onnxruntime's
-default options (prepacking on), with prepacking off, and (int4) from the prepacked model saved by
-``flexi-export prepack``. Writes ``bench_results/fast.json`` and the "## Fast path" section of BENCHMARKS.md.
+exported by us dense (identity plan) and as a Flexi model (blocks 3 and 6 replaced by shared copies of blocks 2
+and 5 with rank-8 adapters), each in both targets, fp32 and int4; by onnxruntime-genai's builder (fp32, int4;
+``--builder`` installs it) and by optimum (``optimum-cli export onnx``, fp32, in .venv-optimum). Every bundle is
+probed in a fresh process by ``device_tests/flexi_device.py`` (``probe``: load, prefill, greedy decode; VmHWM,
+RssAnon, PSS) with onnxruntime's default options (prepacking on), with prepacking off, and (ours) from the
+prepacked model saved by ``flexi-export prepack``, in interleaved rounds. Writes ``bench_results/fast.json`` and
+the "## Fast path" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ def make_models() -> tuple[Any, Any]:
     return dense, build_flexi(dense, plan)
 
 
-def probe_once(bundle: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One fresh-process probe of ``bundle`` (device_tests/flexi_device.py)."""
+def probe_once(bundle: Path, mode: str, args: argparse.Namespace, plain: bool = False) -> dict[str, Any]:
+    """One fresh-process probe of ``bundle`` (device_tests/flexi_device.py; ``plain``: a folder without
+    manifest, such as optimum's export)."""
     from flexi_export.verify.runtime import run_fresh
 
     extra = ["--mode", mode, "--threads", str(args.threads), "--prefill", str(args.prefill)]
-    return run_fresh(bundle, "probe", *extra, "--decode", str(args.decode))
+    return run_fresh(bundle, "probe", *extra, "--decode", str(args.decode), *(["--plain"] if plain else []))
 
 
 def summarize(mode: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -141,14 +145,38 @@ def install_builder(folder: Path) -> Path:
     return folder
 
 
-def run_builder(dense: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Rows for onnxruntime-genai's builder exports of the dense model (fp32 and int4)."""
+def save_dense(dense: Any, args: argparse.Namespace) -> Path:
+    """The dense model as a transformers folder, the input of the other exporters."""
     from tests.export.util import char_tokenizer
 
     hf_dir = Path(args.out) / "hf_dense"
     hf_dir.mkdir(parents=True, exist_ok=True)
     dense.save_pretrained(hf_dir)
     char_tokenizer().save_pretrained(hf_dir)  # the builder copies a tokenizer; ids are random here anyway
+    return hf_dir
+
+
+def run_optimum(hf_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A row for optimum's fp32 export of the dense model (``optimum-cli export onnx`` in .venv-optimum, created
+    by scripts/clients/setup_envs.sh; left out, with the reason, when that cannot be set up)."""
+    import bench_models as bm
+
+    venv = ROOT / ".venv-optimum"
+    problem = bm.setup_optimum(venv, setup=True)
+    if problem is not None:
+        print(f"optimum's export left out: {problem}", file=sys.stderr)
+        return []
+    found = bm.optimum_export(Path(args.out), hf_dir, "optimum", venv)
+    path = Path(found["path"])
+    row = {"model": "optimum", "dtype": "fp32", "target": "optimum", "path": str(path), "plain": True}
+    row["export_s"] = found["wall_s"]
+    row["weights_mib"] = sum(p.stat().st_size for p in path.glob("model.onnx*")) / MiB
+    row["modes"] = ["default", "no-prepack"]
+    return [row]
+
+
+def run_builder(hf_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows for onnxruntime-genai's builder exports of the dense model (fp32 and int4)."""
     rows = []
     for dtype in args.dtypes.split(","):
         out = Path(args.out) / f"builder_{dtype}"
@@ -178,7 +206,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     dense, flexi = make_models()
-    rows: list[dict[str, Any]] = run_builder(dense, args) if args.builder_path else []
+    hf_dir = save_dense(dense, args)
+    rows = run_optimum(hf_dir, args) if args.optimum and "fp32" in args.dtypes.split(",") else []
+    rows += run_builder(hf_dir, args) if args.builder_path else []
     for dtype in args.dtypes.split(","):
         for name, model in (("dense", dense), ("flexi", flexi)):
             for target in ("portable", "cpu"):
@@ -189,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode in row["modes"]:
                 if round_ and (row["dtype"], mode) in ONCE:
                     continue
-                probe = probe_once(Path(row["path"]), mode, args)
+                probe = probe_once(Path(row["path"]), mode, args, row.get("plain", False))
                 runs.setdefault((index, mode), []).append({**probe, "round": round_})
         print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
     for index, row in enumerate(rows):
@@ -231,17 +261,17 @@ SLACK_MIB = 32.0
 
 
 def _reading(machine: str) -> str:
+    goals = (
+        "Goals as ratios of the fastest session of each (median decode over the rounds), with the median (range) "
+        "of the same two sessions' ratio within each round:"
+    )
     if "shared" in machine:
         return (
-            "Reading: on a shared machine the same bundle's decode time moved by 30-50 % between runs (compare "
-            "sessions that should match, e.g. `default` vs `prepacked`), so ratios closer to 1 than that are not "
-            "verdicts; the memory columns are stable. Ratios of the fastest session of each:"
+            "Reading: on a machine shared with other jobs or tenants the same session's decode time moves by up to "
+            "30-50 % between rounds, so a ratio within a few percent of its goal is not a verdict (the same-round "
+            "figures are steadier); the memory columns are stable. " + goals
         )
-    return (
-        "Reading: goals as ratios of the fastest session of each (median decode over the rounds), and the median "
-        "(range) of the same two sessions' ratio within each round, which the drift between rounds does not move. "
-        "One run; the memory columns are stable:"
-    )
+    return "Reading: one run; the memory columns are stable. " + goals
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -250,7 +280,8 @@ def markdown(data: dict[str, Any]) -> str:
         BEGIN,
         "## Fast path",
         "",
-        f"Random Llama (hidden 1024, 8 blocks, intermediate 2816, GQA 16/4, vocab 32000), onnxruntime CPU, "
+        f"Random Llama (hidden 1024, 8 blocks, intermediate 2816, GQA 16/4, vocab 32000) exported by optimum "
+        "(fp32), onnxruntime-genai's builder and us; onnxruntime CPU, "
         f"{cfg['threads']} threads, prefill {cfg['prefill']} tokens then {cfg['decode']} greedy decode steps, "
         f"median of {cfg['repeats']} interleaved fresh-process rounds on {cfg.get('machine', SHARED)}"
         + (f"; command `{data['command']}`. " if data.get("command") else ". ")
@@ -346,7 +377,11 @@ def verdicts(data: dict[str, Any]) -> list[str]:
                 out.append(_goal(f"{dtype}, {label}: our dense cpu", dense, "builder", builder, 1.0))
             if dense and flexi:
                 out.append(_goal(f"{dtype}, {label}: Flexi cpu", flexi, "dense cpu", dense, 1.05))
-        portable, cpu = fastest(("dense", dtype, "portable")), fastest(("dense", dtype, "cpu"))
+        optimum, cpu = fastest(("optimum", dtype, "optimum")), fastest(("dense", dtype, "cpu"))
+        if optimum and cpu:
+            ratio = cpu["decode_ms"] / optimum["decode_ms"]
+            out.append(f"- {dtype}: our dense cpu / optimum decode = {ratio:.2f} (fastest session of each)")
+        portable = fastest(("dense", dtype, "portable"))
         if portable and cpu:
             out.append(f"- {dtype}: dense portable / cpu decode = {portable['decode_ms'] / cpu['decode_ms']:.2f}x")
     return out
@@ -377,6 +412,7 @@ def main() -> int:
         help="a folder where onnxruntime_genai and onnx_ir import from (PYTHONPATH for the builder, which runs with "
         "this venv's torch and transformers); without it (and without --builder) the builder rows are skipped",
     )
+    parser.add_argument("--no-optimum", dest="optimum", action="store_false", help="leave optimum's export out")
     parser.add_argument(
         "--builder",
         action="store_true",

@@ -113,6 +113,8 @@ def test_a_packed_shared_matrix_is_one_initializer_read_by_every_sharing_block(f
     assert sum(1 for n in rows if "qkv_proj.weight" in n) == 4  # source blocks 0, 1, 4, 5 own a pack each
     if family == "qwen2":
         assert rows["model.layers.1.self_attn.qkv_proj.bias"]["consuming_blocks"] == [1, 2]
+    # packs and block diagonals count their members' parameters (the diagonal's zeros are layout)
+    assert bundle.manifest["totals"]["parameters"] == sum(p.numel() for p in flexi_model(family, "mixed").parameters())
     failures = [r for r in check_structure(bundle.path, flexi_model(family, "mixed")) if not r.passed]
     assert not failures, [(r.name, r.problems) for r in failures]
 

@@ -85,7 +85,8 @@ def summarize(mode: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "anon_load_mib": (load["RssAnon"] - base["RssAnon"]) / MiB,
         "anon_end_mib": (end["RssAnon"] - base["RssAnon"]) / MiB,
         "pss_end_mib": end["Pss"] / MiB,
-        "weights_pss_mib": end["weights"]["pss"] / MiB,
+        # PSS of the weight data file's mappings (None for a folder whose weights are inside model.onnx)
+        "weights_pss_mib": end["weights"]["pss"] / MiB if "weights" in end else None,
         "kv_mib": run["kv_cache_bytes"] / MiB,
         "logits_mib": run["logits_bytes"] / MiB,
     }
@@ -222,6 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 probe = probe_once(Path(row["path"]), mode, args, row.get("plain", False))
                 runs.setdefault((index, mode), []).append({**probe, "round": round_})
         print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+        raw = [{**row, "runs": {m: runs.get((i, m), []) for m in row["modes"]}} for i, row in enumerate(rows)]
+        (Path(args.out) / "fast_raw.json").write_text(json.dumps(raw))  # kept if a later step fails
     for index, row in enumerate(rows):
         row["probes"] = [summarize(mode, runs[(index, mode)]) for mode in row.pop("modes")]
     note = f"{args.repeats} interleaved fresh-process rounds on {args.machine}"
@@ -324,7 +327,7 @@ def markdown(data: dict[str, Any]) -> str:
             resident = (
                 f"; prepacked data file {row['prepacked_mib']:.1f} MiB, resident (PSS) after decoding "
                 f"{prepacked['weights_pss_mib']:.1f} MiB"
-                if prepacked and "prepacked_mib" in row
+                if prepacked and "prepacked_mib" in row and prepacked["weights_pss_mib"] is not None
                 else ""
             )
             lines.append(

@@ -46,7 +46,7 @@ from flexi_export.export.graph import GraphBuilder
 from flexi_export.export.io_spec import FLOAT_TYPES, decoder_io, past_names, present_names
 from flexi_export.export.qblocks import MS_DOMAIN, gather_block_quantized, quantized_matmul
 from flexi_export.export.quant import QuantConfig
-from flexi_export.export.spec import BlockSpec, Derived, LinearSpec, ModelSpec, TensorRef
+from flexi_export.export.spec import PACKED_TRANSFORMS, BlockSpec, Derived, LinearSpec, ModelSpec, TensorRef
 from flexi_export.export.weights import AS_IS, TRANSPOSED, WeightRegistry
 
 #: Export targets: the standard-op graph (default) and the fused onnxruntime CPU graph.
@@ -337,7 +337,7 @@ def annotate_packs(manifest: dict[str, Any], registry: WeightRegistry, names: di
     by_name = {e.name: e for e in registry.entries}
     for row in manifest["initializers"]:
         entry = by_name.get(row["name"])
-        if entry is None or entry.transform not in ("pack", "block_diag"):
+        if entry is None or entry.transform not in PACKED_TRANSFORMS:
             continue
         assert isinstance(entry.ref, Derived)
         parts = entry.ref.parts

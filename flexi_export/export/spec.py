@@ -27,10 +27,13 @@ from flexi_export.model.build import get_module, get_plan
 from flexi_export.model.modules import SharedLinear, SharedNorm
 from flexi_export.plan import BlockEntry, BlockPlan, ExecutedBlock
 
+#: Transforms of tensors that stand for several member parameters (``--target cpu``; manifest rows carry ``parts``).
+PACKED_TRANSFORMS = ("pack", "block_diag")
+
 
 @dataclass(frozen=True)
 class Derived:
-    """A tensor the exporter computes instead of reading a Parameter (``--dense`` only).
+    """A tensor the exporter computes instead of reading a Parameter (``--dense``, and ``--target cpu`` packs).
 
     ``compute`` returns it in torch's layout (``[out, in]`` for a matrix) and is called once, while the data
     file is written, so derived tensors never all sit in memory together.
@@ -41,10 +44,12 @@ class Derived:
     compute: Callable[[], torch.Tensor]
     #: Torch names of the Parameters it is computed from.
     sources: tuple[str, ...]
-    #: ``copy`` (a private copy of ``sources[0]``), ``lora_merge`` (``W + scaling * B @ A``) or ``pack``.
+    #: ``copy`` (a private copy of ``sources[0]``), ``lora_merge`` (``W + scaling * B @ A``) or one of
+    #: :data:`PACKED_TRANSFORMS`.
     transform: str
     scaling: float | None = None
-    #: For ``transform="pack"`` (``--target cpu``): the tensors concatenated along the output dimension.
+    #: For a packed transform (``--target cpu``): the member tensors, concatenated along the output dimension
+    #: (``pack``) or placed on a block diagonal (``block_diag``, a pack's adapter ``B`` matrices).
     parts: tuple[nn.Parameter | Derived, ...] = ()
 
 

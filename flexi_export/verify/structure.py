@@ -33,6 +33,7 @@ import onnx
 from onnx import ModelProto, TensorProto
 
 from flexi_export.export.external_data import alignment_for, padding_budget, read_external
+from flexi_export.export.spec import PACKED_TRANSFORMS
 
 #: Ops that onnxruntime constant-folds into a new heap tensor when their data input is a constant.
 FOLDED_OPS = ("Transpose", "Reshape", "Cast", "DequantizeLinear")
@@ -113,10 +114,6 @@ def check_initializers(proto: ModelProto, manifest: dict[str, Any], model: Any |
     return result
 
 
-#: Transforms of --target cpu tensors that stand for several member parameters.
-PACKED = ("pack", "block_diag")
-
-
 def layout_zero_bytes(manifest: dict[str, Any]) -> int:
     """Bytes the bundle stores beyond its parameters by layout: the zero blocks of block-diagonal adapter
     matrices (``--target cpu``), each ``bytes - sum(part elements) x itemsize``."""
@@ -142,7 +139,7 @@ def _parameter_problems(
     # a quantized matrix is stored as parts named after the parameter (``<name>.qweight`` ...)
     quantized = {name: row["source"][0] for name, row in rows.items() if row.get("quantization")}
     # a packed matrix (--target cpu) stands for its member parameters (quantized packs: all of its sources)
-    packed = {name: row["source"] for name, row in rows.items() if row["transform"] in PACKED}
+    packed = {name: row["source"] for name, row in rows.items() if row["transform"] in PACKED_TRANSFORMS}
     covered = (weights - set(quantized) - set(packed)) | set(quantized.values())
     covered |= {source for sources in packed.values() for source in sources}
     for name in sorted(params - covered):
@@ -171,11 +168,11 @@ def check_duplicates(proto: ModelProto, data_path: Path, manifest: dict[str, Any
         # a pack (--target cpu) is identified by its member parameters (equal zero biases of two packs pass)
         parameters = {
             (
-                tuple(r["source"]) if r["transform"] in PACKED else r["source"][0],
+                tuple(r["source"]) if r["transform"] in PACKED_TRANSFORMS else r["source"][0],
                 (r.get("quantization") or {}).get("part"),
             )
             for r in declared
-            if r["transform"] in ("identity", *PACKED)
+            if r["transform"] in ("identity", *PACKED_TRANSFORMS)
         }
         if len(parameters) < len(group) and not manifest.get("dense"):
             result.problems.append(f"{', '.join(group)} hold the same bytes but are not distinct parameters (a copy)")

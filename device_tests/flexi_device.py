@@ -339,6 +339,18 @@ def snapshot(data_file: Path | None = None) -> dict[str, Any]:
 PACKED_FACTOR = 2
 
 
+#: Ops that read an initializer only at the rows of the tokens seen (a node's name ends with its op's name).
+LOOKUPS = ("Gather", "GatherBlockQuantized")
+
+
+def matmul_read_bytes(manifest: dict[str, Any]) -> int:
+    """Stored bytes of the weights one forward pass reads whole (MatMul, Gemm, MatMulNBits, norms...): every
+    initializer with a consumer other than a row lookup. A table read only by lookups is touched only at the rows
+    of the tokens seen."""
+    rows = manifest.get("initializers", [])
+    return sum(r["bytes"] for r in rows if any(c.rsplit("/", 1)[-1] not in LOOKUPS for c in r["consumers"]))
+
+
 def prepacked_bytes(manifest: dict[str, Any], released_only: bool = False) -> int:
     """Stored bytes of the weights onnxruntime packs onto the heap under the manifest's session options: those
     read by ``MatMulNBits`` (int4) when prepacking is on. ``released_only``: only those read by nothing else,

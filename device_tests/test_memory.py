@@ -26,8 +26,7 @@ def _weights(bundle) -> tuple[int, int]:
     prepacked int4 weights, whose file pages onnxruntime releases after packing them onto the heap)."""
     rows = bundle.manifest["initializers"]
     total = sum(r["bytes"] for r in rows)
-    lookups = ("Gather", "GatherBlockQuantized")  # read only at the rows of the tokens seen
-    dense_read = sum(r["bytes"] for r in rows if any(c.split("/")[-1] not in lookups for c in r["consumers"]))
+    dense_read = flexi_device.matmul_read_bytes(bundle.manifest)
     return total, dense_read - flexi_device.prepacked_bytes(bundle.manifest, released_only=True)
 
 

@@ -41,15 +41,11 @@ def probe(
     return run_fresh(bundle, "probe", *args)
 
 
-#: Ops that read only the rows of the tokens seen (node names end with the op's name).
-LOOKUPS = ("Gather", "GatherBlockQuantized")
-
-
 def weight_bytes(manifest: dict[str, Any]) -> dict[str, int]:
     """Unique weight bytes of a bundle, and the part read by MatMul/Gemm (fully touched by one forward pass;
     a table read only by Gather is touched only at the rows of the tokens seen)."""
     rows = manifest["initializers"]
-    read = sum(r["bytes"] for r in rows if any(c.rsplit("/", 1)[-1] not in LOOKUPS for c in r["consumers"]))
+    read = int(device.matmul_read_bytes(manifest))
     released = prepacked_bytes(manifest, released_only=True)
     return {"unique": sum(r["bytes"] for r in rows), "matmul_read": read, "prepacked": released}
 

@@ -67,38 +67,20 @@ def ort_probe(target: Target, setting: Setting, opts: Options) -> dict[str, Any]
     """One fresh-process ``flexi_device.py probe``."""
     from flexi_export.verify.runtime import run_fresh
 
-    args = [
-        "--mode",
-        str(setting.mode),
-        "--threads",
-        str(setting.threads),
-        "--prefill",
-        str(opts.prefill),
-        "--decode",
-        str(opts.decode),
-        "--prefill-runs",
-        str(opts.prefill_runs),
-    ]
+    args = ["--mode", str(setting.mode), *_run_args(setting, opts)]
     return run_fresh(target.path, "probe", *args, *(["--plain"] if target.plain else []))
+
+
+def _run_args(setting: Setting, opts: Options) -> list[str]:
+    """Threads, prompt length, decode steps and prefill repeats, as both probes take them."""
+    threads, prefill, decode, runs = map(str, (setting.threads, opts.prefill, opts.decode, opts.prefill_runs))
+    return ["--threads", threads, "--prefill", prefill, "--decode", decode, "--prefill-runs", runs]
 
 
 def torch_probe(target: Target, setting: Setting, opts: Options) -> dict[str, Any]:
     """One fresh-process PyTorch eager run (this file's ``torch`` command)."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "torch",
-        "--model",
-        str(target.path),
-        "--threads",
-        str(setting.threads),
-        "--prefill",
-        str(opts.prefill),
-        "--decode",
-        str(opts.decode),
-        "--prefill-runs",
-        str(opts.prefill_runs),
-    ]
+    command = [sys.executable, str(Path(__file__).resolve()), "torch", "--model", str(target.path)]
+    command += _run_args(setting, opts)
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"torch run of {target.path} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -52,15 +52,17 @@ def flexi_model() -> Callable[[str, str], torch.nn.Module]:
 
 @pytest.fixture(scope="package")
 def bundle(tmp_path_factory: pytest.TempPathFactory, flexi_model: Callable[[str, str], torch.nn.Module]):
-    """``bundle(family, plan, dtype="fp32", dense=False)``: the cached export of ``flexi_model(family, plan)``."""
-    cache: dict[tuple[str, str, str, bool], Bundle] = {}
+    """``bundle(family, plan, dtype="fp32", dense=False, target="portable")``: the cached export of
+    ``flexi_model(family, plan)``."""
+    cache: dict[tuple[str, str, str, bool, str], Bundle] = {}
     root: Path = tmp_path_factory.mktemp("bundles")
 
-    def get(family: str, plan: str, dtype: str = "fp32", dense: bool = False) -> Bundle:
-        key = (family, plan, dtype, dense)
+    def get(family: str, plan: str, dtype: str = "fp32", dense: bool = False, target: str = "portable") -> Bundle:
+        key = (family, plan, dtype, dense, target)
         if key not in cache:
-            out = root / "_".join([family, plan, dtype, "dense" if dense else "shared"])
-            cache[key] = export_onnx(flexi_model(family, plan), out, dtype=dtype, dense=dense, progress=False)
+            out = root / "_".join([family, plan, dtype, "dense" if dense else "shared", target])
+            model = flexi_model(family, plan)
+            cache[key] = export_onnx(model, out, dtype=dtype, dense=dense, target=target, progress=False)
         return cache[key]
 
     return get

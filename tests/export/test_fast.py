@@ -3,14 +3,13 @@ projections) computes the PyTorch model and keeps every shared weight one initia
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 
 from flexi_export.cli import main
@@ -22,20 +21,9 @@ from tests.export.util import decoder, max_excess, ort_vs_quantized_reference, r
 
 
 @pytest.fixture(scope="module")
-def cpu_bundle(tmp_path_factory: pytest.TempPathFactory, flexi_model: Callable[[str, str], torch.nn.Module]):
-    """``cpu_bundle(family, plan, dtype="fp32", dense=False)``: a cached ``--target cpu`` export."""
-    cache: dict[tuple[str, str, str, bool], Bundle] = {}
-    root: Path = tmp_path_factory.mktemp("cpu_bundles")
-
-    def get(family: str, plan: str, dtype: str = "fp32", dense: bool = False) -> Bundle:
-        key = (family, plan, dtype, dense)
-        if key not in cache:
-            out = root / "_".join([family, plan, dtype, str(dense)])
-            model = flexi_model(family, plan)
-            cache[key] = export_onnx(model, out, dtype=dtype, dense=dense, target="cpu", progress=False)
-        return cache[key]
-
-    return get
+def cpu_bundle(bundle: Callable[..., Bundle]) -> Callable[..., Bundle]:
+    """``cpu_bundle(family, plan, dtype="fp32", dense=False)``: the cached ``--target cpu`` export."""
+    return functools.partial(bundle, target="cpu")
 
 
 def _ops(bundle: Bundle) -> Counter[str]:
